@@ -1,0 +1,142 @@
+"""What a training run shows the user: the log file, the per-epoch history and ``progress.png``."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+from tqdm.auto import tqdm
+
+LOGGER_NAME = "light_training"
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Console handler that prints through ``tqdm.write`` so messages do not break a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:  # logging must never kill training
+            self.handleError(record)
+
+
+def setup_logging(logdir: Union[str, Path, None], is_main_process: bool = True, rank: int = 0,
+                  name: str = LOGGER_NAME) -> logging.Logger:
+    """Logger writing to the console and, on rank 0, appending to ``logdir/train.log``.
+
+    Other ranks only print warnings and errors, prefixed with their rank. Calling it again replaces the
+    handlers (one run per process, several runs per test session).
+    """
+    logger = logging.getLogger(name)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    console = _TqdmHandler()
+    if is_main_process:
+        console.setFormatter(logging.Formatter("%(message)s"))
+        console.setLevel(logging.INFO)
+    else:
+        console.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
+        console.setLevel(logging.WARNING)
+    logger.addHandler(console)
+    if is_main_process and logdir is not None:
+        Path(logdir).mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(Path(logdir) / "train.log", mode="a", encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(file_handler)
+    return logger
+
+
+@dataclass
+class TrainingHistory:
+    """Per-epoch curves, kept in the checkpoint so a resumed run keeps drawing the same plot.
+
+    ``train_loss[i]`` / ``learning_rate[i]`` belong to ``epochs[i]`` (mean loss over the epoch's finite
+    steps, learning rate at the epoch's last step); ``validation[key][j]`` belongs to ``validation_epochs[j]``.
+    """
+
+    epochs: List[int] = field(default_factory=list)
+    train_loss: List[float] = field(default_factory=list)
+    learning_rate: List[float] = field(default_factory=list)
+    validation_epochs: List[int] = field(default_factory=list)
+    validation: Dict[str, List[float]] = field(default_factory=dict)
+
+    def add_epoch(self, epoch: int, mean_loss: float, learning_rate: float) -> None:
+        self.epochs.append(int(epoch))
+        self.train_loss.append(float(mean_loss))
+        self.learning_rate.append(float(learning_rate))
+
+    def add_validation(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        index = len(self.validation_epochs)
+        self.validation_epochs.append(int(epoch))
+        for key, value in metrics.items():
+            # a metric that appears late is padded with NaN so every list stays aligned with validation_epochs
+            series = self.validation.setdefault(key, [math.nan] * index)
+            series.append(float(value))
+        for key, series in self.validation.items():
+            if len(series) < index + 1:
+                series.append(math.nan)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"epochs": list(self.epochs), "train_loss": list(self.train_loss),
+                "learning_rate": list(self.learning_rate), "validation_epochs": list(self.validation_epochs),
+                "validation": {k: list(v) for k, v in self.validation.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Optional[Mapping[str, Any]]) -> "TrainingHistory":
+        if not data:
+            return cls()
+        return cls(epochs=[int(e) for e in data.get("epochs", [])],
+                   train_loss=[float(v) for v in data.get("train_loss", [])],
+                   learning_rate=[float(v) for v in data.get("learning_rate", [])],
+                   validation_epochs=[int(e) for e in data.get("validation_epochs", [])],
+                   validation={k: [float(x) for x in v] for k, v in data.get("validation", {}).items()})
+
+
+def plot_progress(history: TrainingHistory, path: Union[str, Path], selection_key: Optional[str] = None) -> Path:
+    """Draw loss, learning rate and validation metrics per epoch into a PNG, written atomically.
+
+    Epochs are shown 1-based (epoch index 0 is "epoch 1").
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display needed
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    path = Path(path)
+    figure = Figure(figsize=(8, 9), dpi=100)
+    FigureCanvasAgg(figure)
+    loss_axes, lr_axes, val_axes = figure.subplots(3, 1, sharex=True)
+    shown_epochs = [e + 1 for e in history.epochs]
+    loss_axes.plot(shown_epochs, history.train_loss, color="tab:blue", marker="." if len(shown_epochs) < 50 else None)
+    loss_axes.set_ylabel("training loss")
+    loss_axes.grid(alpha=0.3)
+    lr_axes.plot(shown_epochs, history.learning_rate, color="tab:orange")
+    lr_axes.set_ylabel("learning rate")
+    lr_axes.grid(alpha=0.3)
+    shown_val_epochs = [e + 1 for e in history.validation_epochs]
+    for key, values in sorted(history.validation.items()):
+        style = {"linewidth": 2.5, "color": "black"} if key == selection_key else {"linewidth": 1.2}
+        val_axes.plot(shown_val_epochs, values, marker="o", markersize=3, label=key, **style)
+    if history.validation:
+        val_axes.legend(loc="lower right", fontsize=8)
+    val_axes.set_ylabel("validation")
+    val_axes.set_xlabel("epoch")
+    val_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    val_axes.grid(alpha=0.3)
+    figure.suptitle("training progress" + (f" (model selection: {selection_key})" if selection_key else ""))
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        figure.savefig(temporary, format="png")
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return path
