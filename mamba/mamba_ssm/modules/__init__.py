@@ -1,0 +1,4 @@
+"""nn.Modules built on :mod:`mamba_ssm.ops`."""
+from mamba_ssm.modules.mamba_simple import Mamba
+
+__all__ = ["Mamba"]
