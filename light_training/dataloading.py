@@ -8,7 +8,8 @@
 * :class:`PatchBatchStream` is an endless (or finite) ``IterableDataset`` of ready batches; every batch is a
   pure function of ``(seed, rank, batch_index)``, so the stream is reproducible, identical for any number of
   DataLoader workers, and can be resumed mid-training with ``start_batch``.
-* :func:`make_patch_loader` wraps it in a ``torch.utils.data.DataLoader`` with background workers.
+* :func:`make_patch_loader` wraps it in a :class:`PatchLoader` (a ``torch.utils.data.DataLoader`` with
+  persistent background workers, plus ``set_epoch``).
 
 Batches: ``{"data": float32 (B, C, *patch), "seg": int64 (B, 1, *patch), "keys": [case names]}``;
 ``seg`` holds labels ``0..K`` (the ``-1`` "outside the image" marker is mapped to 0 after augmentation).
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from light_training.io import load_case, load_case_properties
 
 __all__ = ["CaseDataset", "list_case_files", "patch_start_bounds", "choose_patch_start", "crop_with_padding",
-           "sample_patch", "PatchBatchStream", "make_patch_loader", "is_forced_foreground"]
+           "sample_patch", "PatchBatchStream", "PatchLoader", "make_patch_loader", "is_forced_foreground"]
 
 
 def list_case_files(folder: str | os.PathLike, names: Sequence[str] | None = None) -> list[str]:
@@ -232,8 +233,17 @@ class PatchBatchStream(IterableDataset):
         self.oversample_foreground = float(oversample_foreground)
         self.transform = transform
         self.seed, self.rank = int(seed), int(rank)
-        self.start_batch = int(start_batch)
+        # Shared memory: DataLoader workers (persistent, forked or spawned) see updates made by set_start_batch.
+        self._start_batch = torch.tensor(int(start_batch), dtype=torch.int64).share_memory_()
         self.num_batches = num_batches
+
+    @property
+    def start_batch(self) -> int:
+        return int(self._start_batch.item())
+
+    def set_start_batch(self, start_batch: int) -> None:
+        """Make the next iteration start at global batch ``start_batch`` (takes effect in running workers)."""
+        self._start_batch.fill_(int(start_batch))
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -271,8 +281,9 @@ class PatchBatchStream(IterableDataset):
         worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         # Worker w makes batches w, w+W, ...; the DataLoader returns workers' outputs round-robin,
         # which restores the global order 0, 1, 2, ...
-        batch_index = self.start_batch + worker_id
-        end = None if self.num_batches is None else self.start_batch + int(self.num_batches)
+        first = self.start_batch
+        batch_index = first + worker_id
+        end = None if self.num_batches is None else first + int(self.num_batches)
         while end is None or batch_index < end:
             yield self.make_batch(batch_index)
             batch_index += num_workers
@@ -284,21 +295,50 @@ def _init_loader_worker(worker_id: int) -> None:
     np.random.seed((torch.initial_seed() + worker_id) % 2**32)
 
 
+class PatchLoader:
+    """Iterable of patch batches with background workers and epochs (what the trainer consumes).
+
+    ``iter(loader)`` yields ``num_batches`` batches (endless when None) starting at global batch
+    ``start_batch``; after ``set_epoch(e)`` the next iteration yields batches ``e * num_batches`` onwards, so
+    every epoch gets new patches and a run resumed at epoch ``e`` sees exactly the batches of an uninterrupted
+    run. The output never depends on ``num_workers``.
+    """
+
+    def __init__(self, stream: PatchBatchStream, num_workers: int = 0, pin_memory: bool = False,
+                 prefetch_factor: int = 2):
+        self.stream = stream
+        self.num_workers = int(num_workers)
+        extra: dict[str, Any] = {}
+        if self.num_workers > 0:
+            extra = {"worker_init_fn": _init_loader_worker, "persistent_workers": True,
+                     "prefetch_factor": prefetch_factor}
+        self.loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=pin_memory,
+                                 **extra)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.stream.num_batches is None:
+            raise ValueError("set_epoch needs a loader with num_batches (batches per epoch)")
+        self.stream.set_start_batch(int(epoch) * int(self.stream.num_batches))
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.loader)
+
+
 def make_patch_loader(dataset: CaseDataset, patch_size: Sequence[int], batch_size: int, *,
                       oversample_foreground: float = 0.33, transform: Callable[[dict], dict] | None = None,
                       num_workers: int = 0, seed: int = 0, rank: int = 0, start_batch: int = 0,
                       num_batches: int | None = None, pin_memory: bool = False,
-                      prefetch_factor: int = 2) -> DataLoader:
-    """A DataLoader over :class:`PatchBatchStream` (batches are made whole inside the workers).
+                      prefetch_factor: int = 2) -> PatchLoader:
+    """A :class:`PatchLoader` over :class:`PatchBatchStream` (batches are made whole inside the workers).
 
     Iterating it yields the batches ``start_batch, start_batch + 1, ...`` in order, identical for every
-    ``num_workers``. Use ``num_workers=0`` for tests and debugging (everything in the calling process).
+    ``num_workers``; ``num_batches`` is the number of batches per iteration (= per epoch with ``set_epoch``).
+    Use ``num_workers=0`` for tests and debugging (everything in the calling process).
     """
     stream = PatchBatchStream(dataset, patch_size, batch_size, oversample_foreground=oversample_foreground,
                               transform=transform, seed=seed, rank=rank, start_batch=start_batch,
                               num_batches=num_batches)
-    extra = {}
-    if num_workers > 0:
-        extra = {"worker_init_fn": _init_loader_worker, "persistent_workers": True,
-                 "prefetch_factor": prefetch_factor}
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **extra)
+    return PatchLoader(stream, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)

@@ -213,3 +213,19 @@ def test_choose_patch_start_is_uniform_over_the_whole_range():
     rng = np.random.default_rng(0)
     starts = {choose_patch_start((10,), (8,), rng)[0] for _ in range(200)}
     assert starts == {0, 1, 2}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_set_epoch_moves_the_stream_to_that_epochs_batches_also_in_running_workers(tmp_path, num_workers):
+    for i in range(3):
+        _write_case(tmp_path, f"case{i}")
+    dataset = CaseDataset.from_folder(tmp_path)
+    reference = PatchBatchStream(dataset, (8, 8, 8), 2, seed=4)
+    loader = make_patch_loader(dataset, (8, 8, 8), 2, num_batches=3, seed=4, num_workers=num_workers)
+    assert len(loader) == 3
+    epoch0 = list(loader)  # starts the (persistent) workers
+    loader.set_epoch(2)
+    epoch2 = list(loader)
+    for got, index in zip(epoch0 + epoch2, [0, 1, 2, 6, 7, 8], strict=True):
+        expected = reference.make_batch(index)
+        assert got["keys"] == expected["keys"] and torch.equal(got["data"], expected["data"])
