@@ -123,7 +123,8 @@ def _check_readable(path: str) -> None:
 def _verify_nifti_complete(path: str) -> None:
     """Raise ``ImageReadError`` when a NIfTI file holds fewer voxel bytes than its header announces.
 
-    SimpleITK silently fills missing voxels of a truncated .nii/.nii.gz with zeros, so check it ourselves.
+    SimpleITK silently fills missing voxels of a truncated .nii/.nii.gz with zeros (and reads NaN as 0),
+    so check it ourselves; also raises when a floating-point image holds NaN/Inf voxels.
     """
     import gzip
     import zlib
@@ -153,6 +154,12 @@ def _verify_nifti_complete(path: str) -> None:
     if total < expected:
         raise ImageReadError(f"{path}: file is truncated: the header announces {expected} bytes of header+voxels, "
                              f"the file holds {total}")
+    if nifti.header.get_data_dtype().kind == "f":
+        # ITK's NIfTI reader turns NaN into 0 without a word; look at the raw floats ourselves.
+        raw = np.asarray(nifti.dataobj.get_unscaled())
+        bad = int(np.count_nonzero(~np.isfinite(raw)))
+        if bad:
+            raise ImageReadError(f"{path}: image contains {bad} NaN or Inf voxel(s)")
 
 
 def _short_itk_error(error: Exception) -> str:

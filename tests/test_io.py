@@ -98,6 +98,15 @@ def test_non_image_content_and_empty_file_are_reported(tmp_path):
         read_image(empty)
 
 
+def test_nan_voxels_in_a_nifti_are_reported_instead_of_read_as_zero(tmp_path):
+    volume = np.ones((4, 4, 4), np.float32)
+    volume[1, 2, 3] = np.nan
+    path = tmp_path / "with_nan.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(volume.T, np.eye(4)), str(path))  # written by an independent writer
+    with pytest.raises(ImageReadError, match="with_nan.nii.gz: image contains 1 NaN"):
+        read_image(path)
+
+
 def test_2d_4d_and_vector_images_are_refused_with_their_dimensionality(tmp_path):
     import SimpleITK as sitk
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5), np.float32)), str(tmp_path / "flat.nii.gz"))
