@@ -229,3 +229,103 @@ def test_set_epoch_moves_the_stream_to_that_epochs_batches_also_in_running_worke
     for got, index in zip(epoch0 + epoch2, [0, 1, 2, 6, 7, 8], strict=True):
         expected = reference.make_batch(index)
         assert got["keys"] == expected["keys"] and torch.equal(got["data"], expected["data"])
+
+
+# ------------------------------------------------------------------------------------------ augmentation
+
+def _augment_sample(seed=0, shape=(16, 18, 20)):
+    rng = np.random.default_rng(seed)
+    seg = np.zeros((1, *shape), np.float32)
+    seg[0, 4:12, 5:13, 6:14] = 2
+    seg[0, 6:10, 7:11, 8:12] = 3
+    seg[0, 0] = -1
+    data = rng.normal(size=(2, *shape)).astype(np.float32)
+    return {"data": data, "seg": seg}
+
+
+def test_augmentation_variants_contain_the_documented_steps():
+    from light_training.augment import RandRotateScaled, build_train_transforms
+    from monai.transforms import RandFlipd, RandGaussianNoised
+
+    def kinds(variant):
+        return [type(t) for t in build_train_transforms(variant).transforms]
+
+    assert kinds("default").count(RandFlipd) == 3 and RandRotateScaled in kinds("default")
+    assert RandFlipd not in kinds("nomirror") and RandRotateScaled in kinds("nomirror")
+    assert RandRotateScaled not in kinds("onlymirror") and kinds("onlymirror").count(RandFlipd) == 3
+    only_spatial = kinds("onlyspatial")
+    assert RandGaussianNoised not in only_spatial and RandRotateScaled in only_spatial
+    assert build_train_transforms(None) is None
+    with pytest.raises(ValueError, match="unknown augmentation variant"):
+        build_train_transforms("heavy")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_spatial_steps_move_images_and_labels_identically(seed):
+    from light_training.augment import build_train_transforms
+    sample = _augment_sample(seed)
+    sample["data"] = np.repeat(sample["seg"] * 10.0, 2, axis=0)  # images that are a copy of the labels
+    transform = build_train_transforms("onlyspatial", data_interpolation="nearest")
+    # Force the spatial step to happen.
+    transform.transforms[1].prob_rotate = transform.transforms[1].prob_scale = 1.0
+    transform.set_random_state(seed)
+    out = transform(sample)
+    assert isinstance(out["data"], torch.Tensor) and not hasattr(out["data"], "meta")
+    assert out["data"].shape == (2, 16, 18, 20) and out["seg"].shape == (1, 16, 18, 20)
+    torch.testing.assert_close(out["data"][0] / 10.0, out["seg"][0])
+    assert set(torch.unique(out["seg"]).tolist()) <= {-1.0, 0.0, 2.0, 3.0}  # nearest: no new labels
+
+
+def test_default_pipeline_is_reproducible_with_a_seed_and_keeps_labels_valid():
+    from light_training.augment import build_train_transforms
+    transform = build_train_transforms("default")
+    outputs = []
+    for seed in (5, 5, 6):
+        transform.set_random_state(seed)
+        outputs.append(transform(_augment_sample()))
+    assert torch.equal(outputs[0]["data"], outputs[1]["data"]) and torch.equal(outputs[0]["seg"], outputs[1]["seg"])
+    changed = [not torch.equal(transform.set_random_state(s)(_augment_sample())["data"],
+                               torch.as_tensor(_augment_sample()["data"])) for s in range(10)]
+    assert any(changed)
+    for out in outputs:
+        assert out["data"].dtype == torch.float32 and torch.isfinite(out["data"]).all()
+        assert set(torch.unique(out["seg"]).tolist()) <= {-1.0, 0.0, 2.0, 3.0}
+
+
+def test_contrast_step_matches_the_formula_per_channel():
+    from light_training.augment import RandContrastd
+    data = np.random.default_rng(0).normal(size=(2, 4, 5, 6)).astype(np.float32)
+    transform = RandContrastd("data", prob=1.0, factor_range=(2.0, 2.0))
+    out = transform({"data": data})["data"].numpy()
+    for channel in range(2):
+        x = data[channel].astype(np.float64)
+        expected = np.clip((x - x.mean()) * 2.0 + x.mean(), x.min(), x.max())
+        np.testing.assert_allclose(out[channel], expected, atol=1e-5)
+
+
+def test_per_channel_wrapper_transforms_each_chosen_channel_on_its_own():
+    from light_training.augment import RandPerChanneld
+    from monai.transforms import RandAdjustContrast
+    data = np.random.default_rng(0).uniform(1, 5, size=(3, 4, 4, 4)).astype(np.float32)
+    gamma_two = RandAdjustContrast(prob=1.0, gamma=(2.0, 2.0))
+    out = RandPerChanneld("data", gamma_two, prob=1.0, prob_per_channel=1.0)({"data": data})["data"].numpy()
+    for channel in range(3):
+        x = data[channel].astype(np.float64)
+        span = x.max() - x.min()
+        expected = ((x - x.min()) / (span + 1e-7)) ** 2 * span + x.min()
+        np.testing.assert_allclose(out[channel], expected, rtol=1e-4, atol=1e-4)
+    untouched = RandPerChanneld("data", gamma_two, prob=1.0, prob_per_channel=0.0)({"data": data})["data"]
+    np.testing.assert_array_equal(untouched.numpy(), data)
+
+
+def test_patch_loader_with_augmentation_yields_valid_batches(tmp_path):
+    from light_training.augment import build_train_transforms
+    for i in range(2):
+        _write_case(tmp_path, f"case{i}", shape=(16, 16, 16))
+    dataset = CaseDataset.from_folder(tmp_path)
+    loader = make_patch_loader(dataset, (12, 12, 12), 2, transform=build_train_transforms("default"),
+                               num_batches=3, seed=1)
+    for batch in loader:
+        assert batch["data"].shape == (2, 2, 12, 12, 12) and batch["seg"].dtype == torch.int64
+        assert batch["seg"].min() >= 0 and batch["seg"].max() <= 1
+        assert torch.isfinite(batch["data"]).all()
