@@ -89,7 +89,7 @@ def make_case(rng: np.random.Generator, shape_zyx: tuple[int, int, int]) -> tupl
         t_centre = centre + rng.uniform(-0.45, 0.45, 3) * radii
         if _ellipsoid_distance(t_centre[:, None, None, None], centre, radii)[0, 0, 0] < 0.55:
             break
-    scale = min(shape) / 48.0
+    scale = max(0.5, min(shape) / 48.0)  # tiny test volumes still get a tumour of a few voxels per label
     edema_radii = rng.uniform(7.0, 12.0, 3) * scale
     tumour_distance = _ellipsoid_distance(grid, t_centre, edema_radii) + 0.08 * _smooth_field(rng, shape, 2.0)
     enhancing_outer = rng.uniform(0.55, 0.7)
