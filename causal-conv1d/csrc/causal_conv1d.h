@@ -1,0 +1,31 @@
+// Host-side interface of the causal conv1d CUDA kernels. CUDA runtime types only (no torch headers).
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace causal_conv1d {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Tokens per block.
+constexpr int kTile = 2048;
+
+// x, out, dout, dx: (batch, dim, seqlen) contiguous in `dtype`; weight: (dim, width) fp32; bias: (dim) fp32
+// or null; dw_part: (batch, ntiles, dim, width + 1) fp32 (last slot: bias gradient), summed by the caller.
+struct Params {
+  int batch = 0, dim = 0, seqlen = 0, width = 0, ntiles = 0;
+  DType dtype = DType::kFloat32;
+  bool silu = false;
+  const void* x = nullptr;
+  const float* weight = nullptr;
+  const float* bias = nullptr;
+  void* out = nullptr;
+  const void* dout = nullptr;
+  void* dx = nullptr;
+  float* dw_part = nullptr;
+};
+
+cudaError_t forward(const Params& p, cudaStream_t stream);
+cudaError_t backward(const Params& p, cudaStream_t stream);
+
+}  // namespace causal_conv1d

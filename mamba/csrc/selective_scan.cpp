@@ -1,0 +1,196 @@
+// PyTorch binding of the selective-scan kernels: argument checks, workspace allocation, stream selection.
+// The kernels themselves (selective_scan_{fwd,bwd}.cu) know nothing about torch.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+#include "selective_scan.h"
+
+namespace {
+
+using selective_scan::DType;
+using selective_scan::Params;
+
+DType to_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "selective_scan: inputs must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+void check_cuda_contig(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK(t.is_cuda(), "selective_scan: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == ref.device(), "selective_scan: ", name, " is on ", t.device(), " but u is on ",
+              ref.device());
+  TORCH_CHECK(t.is_contiguous(), "selective_scan: ", name, " must be contiguous (call .contiguous())");
+}
+
+void check_same(const at::Tensor& t, const char* name, const at::Tensor& u) {
+  check_cuda_contig(t, name, u);
+  TORCH_CHECK(t.scalar_type() == u.scalar_type(), "selective_scan: ", name, " has dtype ", t.scalar_type(),
+              " but u has ", u.scalar_type());
+  TORCH_CHECK(t.sizes() == u.sizes(), "selective_scan: ", name, " has shape ", t.sizes(), " but u has ", u.sizes());
+}
+
+void check_fp32_vec(const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& u, int64_t dim) {
+  if (!t.has_value()) return;
+  check_cuda_contig(*t, name, u);
+  TORCH_CHECK(t->scalar_type() == at::kFloat, "selective_scan: ", name, " must be float32");
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == dim, "selective_scan: ", name, " must have shape (", dim, ")");
+}
+
+void check_err(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "selective_scan ", what, " kernel failed: ", cudaGetErrorString(err));
+}
+
+Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                   const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                   const c10::optional<at::Tensor>& delta_bias, bool delta_softplus) {
+  TORCH_CHECK(u.dim() == 3, "selective_scan: u must be (batch, dim, seqlen), got ", u.sizes());
+  check_cuda_contig(u, "u", u);
+  to_dtype(u);
+  check_same(delta, "delta", u);
+  const int64_t batch = u.size(0), dim = u.size(1), seqlen = u.size(2);
+  check_cuda_contig(A, "A", u);
+  TORCH_CHECK(A.scalar_type() == at::kFloat, "selective_scan: A must be float32 (complex A is not supported)");
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == dim, "selective_scan: A must be (dim, dstate), got ", A.sizes());
+  const int64_t dstate = A.size(1);
+  TORCH_CHECK(selective_scan::padded_dstate((int)dstate) > 0, "selective_scan: d_state must be 1..64, got ",
+              dstate);
+  for (auto* pr : {&B, &C}) {
+    const at::Tensor& t = *pr;
+    const char* name = (pr == &B) ? "B" : "C";
+    check_cuda_contig(t, name, u);
+    TORCH_CHECK(t.scalar_type() == u.scalar_type(), "selective_scan: ", name, " must have u's dtype");
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == batch && t.size(1) == 1 && t.size(2) == dstate && t.size(3) == seqlen,
+                "selective_scan: ", name, " must be (batch, 1, dstate, seqlen) = (", batch, ", 1, ", dstate, ", ",
+                seqlen, "), got ", t.sizes());
+  }
+  if (z.has_value()) check_same(*z, "z", u);
+  check_fp32_vec(D, "D", u, dim);
+  check_fp32_vec(delta_bias, "delta_bias", u, dim);
+  TORCH_CHECK(seqlen >= 1 && batch >= 1 && dim >= 1, "selective_scan: empty input ", u.sizes());
+
+  Params p;
+  p.batch = (int)batch;
+  p.dim = (int)dim;
+  p.seqlen = (int)seqlen;
+  p.dstate = (int)dstate;
+  p.nchunks = (int)((seqlen + selective_scan::kChunk - 1) / selective_scan::kChunk);
+  p.nseg = (p.nchunks + selective_scan::kSegChunks - 1) / selective_scan::kSegChunks;
+  p.dtype = to_dtype(u);
+  p.delta_softplus = delta_softplus;
+  p.u = u.data_ptr();
+  p.delta = delta.data_ptr();
+  p.z = z.has_value() ? z->data_ptr() : nullptr;
+  p.Bm = B.data_ptr();
+  p.Cm = C.data_ptr();
+  p.A = A.data_ptr<float>();
+  p.D = D.has_value() ? D->data_ptr<float>() : nullptr;
+  p.delta_bias = delta_bias.has_value() ? delta_bias->data_ptr<float>() : nullptr;
+
+  // Chunks per block: enough blocks to fill the GPU several times over, grid.y within limits.
+  const int tiles = selective_scan::channel_tiles(p.dim, p.dstate);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const long long want_blocks = (long long)sms * 12;
+  long long per_group = ((long long)p.batch * tiles * p.nchunks) / want_blocks;
+  if (per_group < 1) per_group = 1;
+  if (per_group > 16) per_group = 16;
+  while ((p.nchunks + per_group - 1) / per_group > 65535) ++per_group;
+  p.chunks_per_group = (int)per_group;
+  p.ngroups = (int)((p.nchunks + per_group - 1) / per_group);
+  return p;
+}
+
+// Returns [out, last_state (or empty), chunk_carry, chunk_dsum]; the last two are saved for backward.
+std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                            const at::Tensor& C, const c10::optional<at::Tensor>& D,
+                            const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
+                            bool delta_softplus, bool return_last_state) {
+  const c10::cuda::CUDAGuard guard(u.device());
+  Params p = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
+  auto f32 = u.options().dtype(at::kFloat);
+  at::Tensor out = at::empty_like(u);
+  at::Tensor chunk_local = at::empty({p.batch, p.nchunks, p.dstate, p.dim}, f32);
+  at::Tensor chunk_carry = at::empty({p.batch, p.nchunks, p.dstate, p.dim}, f32);
+  at::Tensor chunk_dsum = at::empty({p.batch, p.nchunks, p.dim}, f32);
+  at::Tensor seg_agg = at::empty({p.batch, p.nseg, p.dstate + 1, p.dim}, f32);
+  at::Tensor last_state = return_last_state ? at::empty({p.batch, p.dim, p.dstate}, f32) : at::Tensor();
+  p.out = out.data_ptr();
+  p.chunk_local = chunk_local.data_ptr<float>();
+  p.chunk_carry = chunk_carry.data_ptr<float>();
+  p.chunk_dsum = chunk_dsum.data_ptr<float>();
+  p.seg_agg = seg_agg.data_ptr<float>();
+  p.last_state = return_last_state ? last_state.data_ptr<float>() : nullptr;
+  check_err(selective_scan::forward(p, at::cuda::getCurrentCUDAStream()), "forward");
+  return {out, last_state, chunk_carry, chunk_dsum};
+}
+
+// Returns [du, ddelta, dA, dB, dC, dD (or empty), dz (or empty), ddelta_bias (or empty)].
+// dB and dC are float32 (the caller casts them to B's / C's dtype).
+std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                            const at::Tensor& C, const c10::optional<at::Tensor>& D,
+                            const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
+                            bool delta_softplus, const at::Tensor& dout, const at::Tensor& chunk_carry,
+                            const at::Tensor& chunk_dsum) {
+  const c10::cuda::CUDAGuard guard(u.device());
+  Params p = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
+  check_same(dout, "dout", u);
+  TORCH_CHECK(chunk_carry.is_cuda() && chunk_carry.is_contiguous() && chunk_carry.scalar_type() == at::kFloat &&
+                  chunk_carry.numel() == (int64_t)p.batch * p.nchunks * p.dstate * p.dim,
+              "selective_scan: chunk_carry does not match the inputs (was it produced by fwd on them?)");
+  TORCH_CHECK(chunk_dsum.is_cuda() && chunk_dsum.is_contiguous() && chunk_dsum.scalar_type() == at::kFloat &&
+                  chunk_dsum.numel() == (int64_t)p.batch * p.nchunks * p.dim,
+              "selective_scan: chunk_dsum does not match the inputs");
+  auto f32 = u.options().dtype(at::kFloat);
+  const bool atomic_bc = selective_scan::channel_tiles(p.dim, p.dstate) > 1;
+  at::Tensor du = at::empty_like(u);
+  at::Tensor ddelta = at::empty_like(u);
+  at::Tensor dz = z.has_value() ? at::empty_like(u) : at::Tensor();
+  at::Tensor dB = atomic_bc ? at::zeros(B.sizes(), f32) : at::empty(B.sizes(), f32);
+  at::Tensor dC = atomic_bc ? at::zeros(C.sizes(), f32) : at::empty(C.sizes(), f32);
+  at::Tensor rev_local = at::empty({p.batch, p.nchunks, p.dstate, p.dim}, f32);
+  at::Tensor rev_carry = at::empty({p.batch, p.nchunks, p.dstate, p.dim}, f32);
+  at::Tensor seg_agg = at::empty({p.batch, p.nseg, p.dstate + 1, p.dim}, f32);
+  at::Tensor dA_part = at::empty({p.batch, p.ngroups, p.dstate, p.dim}, f32);
+  at::Tensor dD_part = at::empty({p.batch, p.ngroups, p.dim}, f32);
+  at::Tensor dbias_part = at::empty({p.batch, p.ngroups, p.dim}, f32);
+  p.dout = dout.data_ptr();
+  p.du = du.data_ptr();
+  p.ddelta = ddelta.data_ptr();
+  p.dz = z.has_value() ? dz.data_ptr() : nullptr;
+  p.dB = dB.data_ptr<float>();
+  p.dC = dC.data_ptr<float>();
+  p.chunk_local = rev_local.data_ptr<float>();
+  p.rev_carry = rev_carry.data_ptr<float>();
+  p.chunk_carry = const_cast<float*>(chunk_carry.data_ptr<float>());
+  p.chunk_dsum = const_cast<float*>(chunk_dsum.data_ptr<float>());
+  p.seg_agg = seg_agg.data_ptr<float>();
+  p.dA_part = dA_part.data_ptr<float>();
+  p.dD_part = dD_part.data_ptr<float>();
+  p.dbias_part = dbias_part.data_ptr<float>();
+  check_err(selective_scan::backward(p, at::cuda::getCurrentCUDAStream()), "backward");
+  at::Tensor dA = dA_part.sum({0, 1}).t().contiguous();
+  at::Tensor dD = D.has_value() ? dD_part.sum({0, 1}) : at::Tensor();
+  at::Tensor dbias = delta_bias.has_value() ? dbias_part.sum({0, 1}) : at::Tensor();
+  return {du, ddelta, dA, dB, dC, dD, dz, dbias};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "SegMamba selective-scan CUDA kernels (chunk-parallel forward and backward)";
+  m.def("fwd", &fwd, "selective scan forward", py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"),
+        py::arg("C"), py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("delta_softplus"),
+        py::arg("return_last_state"));
+  m.def("bwd", &bwd, "selective scan backward", py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"),
+        py::arg("C"), py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("delta_softplus"),
+        py::arg("dout"), py::arg("chunk_carry"), py::arg("chunk_dsum"));
+  m.attr("CHUNK") = selective_scan::kChunk;
+}

@@ -1,0 +1,67 @@
+// Host-side interface of the selective-scan CUDA kernels. Plain C++ + CUDA runtime types only:
+// no torch/ATen headers, so every .cu file compiles with `nvcc -c` on a machine without torch.
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace selective_scan {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Tokens per chunk: the unit of the inter-chunk state carry (and of the saved forward states).
+constexpr int kChunk = 64;
+// Chunks per carry segment (the carry kernels scan segments, then chunks inside a segment).
+constexpr int kSegChunks = 32;
+
+// All tensors are contiguous. Shapes: u, delta, z, out, dout, du, ddelta, dz: (batch, dim, seqlen) in
+// `dtype`; A: (dim, dstate) fp32; Bm, Cm: (batch, 1, dstate, seqlen) in `dtype`; D, delta_bias: (dim) fp32
+// or null; chunk arrays: (batch, nchunks, dstate, dim) fp32; chunk_dsum: (batch, nchunks, dim) fp32;
+// seg_agg: (batch, nseg, dstate + 1, dim) fp32; last_state: (batch, dim, dstate) fp32 or null;
+// dB, dC: (batch, 1, dstate, seqlen) fp32 (zero-filled when `grid_dim_tiles() > 1`, which uses atomics);
+// dA_part: (batch, ngroups, dstate, dim); dD_part, dbias_part: (batch, ngroups, dim) fp32.
+struct Params {
+  int batch = 0, dim = 0, seqlen = 0, dstate = 0;
+  int nchunks = 0, nseg = 0;
+  int chunks_per_group = 1, ngroups = 0;  // backward main kernel: chunks handled by one block
+  DType dtype = DType::kFloat32;
+  bool delta_softplus = false;
+
+  const void* u = nullptr;
+  const void* delta = nullptr;
+  const void* z = nullptr;
+  const void* Bm = nullptr;
+  const void* Cm = nullptr;
+  const float* A = nullptr;
+  const float* D = nullptr;
+  const float* delta_bias = nullptr;
+
+  void* out = nullptr;
+  float* last_state = nullptr;
+
+  float* chunk_local = nullptr;   // per-chunk local aggregate (forward: state; backward: message)
+  float* chunk_dsum = nullptr;    // per-chunk sum of delta (after bias/softplus)
+  float* chunk_carry = nullptr;   // forward: state entering each chunk (saved for backward)
+  float* rev_carry = nullptr;     // backward: adjoint message entering each chunk from the right
+  float* seg_agg = nullptr;
+
+  const void* dout = nullptr;
+  void* du = nullptr;
+  void* ddelta = nullptr;
+  void* dz = nullptr;
+  float* dB = nullptr;
+  float* dC = nullptr;
+  float* dA_part = nullptr;
+  float* dD_part = nullptr;
+  float* dbias_part = nullptr;
+};
+
+// Padded state count used by the kernels (16, 32 or 64); 0 if dstate is unsupported (> 64).
+int padded_dstate(int dstate);
+// Number of channel tiles (blocks along the channel axis). dB/dC need atomics when this is > 1.
+int channel_tiles(int dim, int dstate);
+
+// Each returns cudaSuccess or the first CUDA error. `stream` is the caller's current stream.
+cudaError_t forward(const Params& p, cudaStream_t stream);
+cudaError_t backward(const Params& p, cudaStream_t stream);
+
+}  // namespace selective_scan

@@ -1,0 +1,315 @@
+// Selective-scan backward. See selective_scan_kernels.cuh for the parallel structure.
+//
+// Adjoint: g_t[n] = dy_t C_t[n] with dy = dout·silu(z) (or dout); λ_t = g_t + a_{t+1} λ_{t+1}. The "message"
+// m = a_t λ_t is what token t passes to token t-1; the message entering chunk c from the right is the carry.
+// Gradients: q_t = λ_t a_t h_{t-1};  dΔ_t = Σ_n (A q_t + λ_t B_t u_t);  du_t = Δ_t Σ_n λ_t B_t + D dy_t;
+// dB_t[n] = Σ_d λ_t Δ_t u_t;  dC_t[n] = Σ_d dy_t h_t;  dA = Σ_t q_t Δ_t;  dD = Σ_t dy_t u_t;
+// dz_t = dout_t y_t σ(z)(1 + z(1 − σ(z)));  dδ_t = dΔ_t σ(δ_t + bias) (softplus) or dΔ_t;  dbias = Σ_t dδ_t.
+#include "selective_scan_kernels.cuh"
+
+namespace selective_scan {
+namespace detail {
+
+// Reduce v[0..8) (4 dB + 4 dC values) over the CPW channels of a warp. Afterwards lane holds R sums:
+// v[r] is the sum of original index r + Σ_l bit_l(channel-in-warp)·(4 >> l).
+template <int NP>
+__device__ __forceinline__ void reduce_scatter_channels(float (&v)[8], int lane) {
+  using G = Geo<NP>;
+#pragma unroll
+  for (int l = 0; l < G::LEVELS; ++l) {
+    const int h = 4 >> l;
+    const int mask = G::LPC << l;
+    const bool upper = (lane & mask) != 0;
+#pragma unroll
+    for (int i = 0; i < h; ++i) {
+      const float send = upper ? v[i] : v[i + h];
+      const float keep = upper ? v[i + h] : v[i];
+      v[i] = keep + __shfl_xor_sync(kFullMask, send, mask);
+    }
+  }
+}
+
+// Stages Δ, u, dy, dout·dsilu(z) and σ(δ+bias) for one chunk ([token][channel] tiles).
+template <typename T, int NP>
+__device__ __forceinline__ void stage_bwd_inputs(const Params& p, int b, int t0, float* s_delta, float* s_u,
+                                                 float* s_dy, float* s_dzf, float* s_sig) {
+  using G = Geo<NP>;
+  const bool has_z = p.z != nullptr;
+  for_tile<NP>(p, b, t0, [&](int c, int t, bool valid, size_t row) {
+    float dl = 0.f, u = 0.f, dy = 0.f, dzf = 0.f, sig = 0.f;
+    if (valid) {
+      const int d = blockIdx.x * G::CPB + c;
+      const float x = Cvt<T>::ld(static_cast<const T*>(p.delta) + row) + (p.delta_bias ? p.delta_bias[d] : 0.f);
+      if (p.delta_softplus) {
+        dl = softplus_f(x);
+        sig = sigmoid_f(x);
+      } else {
+        dl = x;
+        sig = 1.f;
+      }
+      u = Cvt<T>::ld(static_cast<const T*>(p.u) + row);
+      const float g = Cvt<T>::ld(static_cast<const T*>(p.dout) + row);
+      if (has_z) {
+        const float z = Cvt<T>::ld(static_cast<const T*>(p.z) + row);
+        const float sz = sigmoid_f(z);
+        dy = g * z * sz;
+        dzf = g * sz * (1.f + z * (1.f - sz));
+      } else {
+        dy = g;
+      }
+    }
+    const int o = t * G::TS + c;
+    s_delta[o] = dl;
+    s_u[o] = u;
+    if (s_dy) s_dy[o] = dy;
+    if (s_dzf) s_dzf[o] = dzf;
+    if (s_sig) s_sig[o] = sig;
+  });
+}
+
+// Local reverse walk of the adjoint from a zero message: chunk_local = message leaving the chunk's first token.
+template <typename T, int NP>
+__global__ void __launch_bounds__(kThreads) bwd_local_kernel(Params p) {
+  using G = Geo<NP>;
+  extern __shared__ float4 smem4[];
+  float* s_delta = reinterpret_cast<float*>(smem4);
+  float* s_u = s_delta + G::kTile;  // staged but unused here (keeps one staging routine)
+  float* s_dy = s_u + G::kTile;
+  float* s_C = s_dy + G::kTile;
+  const Who<NP> w(p.dim);
+  const int b = blockIdx.z;
+  float A2[kNPT];
+  load_A2<NP>(p, w, A2);
+  const int ch_begin = blockIdx.y * p.chunks_per_group;
+  const int ch_end = min(ch_begin + p.chunks_per_group, p.nchunks);
+  for (int ch = ch_begin; ch < ch_end; ++ch) {
+    const int t0 = ch * kChunk;
+    __syncthreads();
+    stage_bwd_inputs<T, NP>(p, b, t0, s_delta, s_u, s_dy, nullptr, nullptr);
+    stage_bc<T, NP>(p, p.Cm, s_C, b, t0);
+    __syncthreads();
+    float m[kNPT] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+    for (int t = kChunk - 1; t >= 0; --t) {
+      const float dl = s_delta[t * G::TS + w.c];
+      const float dy = s_dy[t * G::TS + w.c];
+      const float4 cv = *reinterpret_cast<const float4*>(s_C + t * NP + w.q * kNPT);
+      m[0] = exp2f(dl * A2[0]) * (dy * cv.x + m[0]);
+      m[1] = exp2f(dl * A2[1]) * (dy * cv.y + m[1]);
+      m[2] = exp2f(dl * A2[2]) * (dy * cv.z + m[2]);
+      m[3] = exp2f(dl * A2[3]) * (dy * cv.w + m[3]);
+    }
+    store_chunk_state<NP>(p, w, p.chunk_local, b, ch, m);
+  }
+}
+
+template <int NP>
+__host__ __device__ constexpr int bwd_main_smem_floats() {
+  return 5 * Geo<NP>::kTile + 2 * Geo<NP>::kBC + kSegsPerChunk * kNPT * kThreads + kSeg * Geo<NP>::R * kThreads;
+}
+
+template <typename T, int NP>
+__global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomic_bc) {
+  using G = Geo<NP>;
+  extern __shared__ float4 smem4[];
+  float* s_delta = reinterpret_cast<float*>(smem4);
+  float* s_u = s_delta + G::kTile;
+  float* s_dy = s_u + G::kTile;     // dy in; du out (written by lane q == 0 after its last read)
+  float* s_dzf = s_dy + G::kTile;   // dout·dsilu(z) in; dz out
+  float* s_sig = s_dzf + G::kTile;  // σ(δ + bias) in; dδ out
+  float* s_B = s_sig + G::kTile;
+  float* s_C = s_B + G::kBC;
+  float* s_ckpt = s_C + G::kBC;
+  float* s_red = s_ckpt + kSegsPerChunk * kNPT * kThreads;
+  const Who<NP> w(p.dim);
+  const int b = blockIdx.z;
+  const int tid = threadIdx.x;
+  float A2[kNPT];
+  load_A2<NP>(p, w, A2);
+  const float Dd = (p.D != nullptr && w.active) ? p.D[w.d] : 0.f;
+  float dA_acc[kNPT] = {0.f, 0.f, 0.f, 0.f};
+  float dD_acc = 0.f, dbias_acc = 0.f;
+  const int ch_begin = blockIdx.y * p.chunks_per_group;
+  const int ch_end = min(ch_begin + p.chunks_per_group, p.nchunks);
+
+  for (int ch = ch_begin; ch < ch_end; ++ch) {
+    const int t0 = ch * kChunk;
+    __syncthreads();
+    stage_bwd_inputs<T, NP>(p, b, t0, s_delta, s_u, s_dy, s_dzf, s_sig);
+    stage_bc<T, NP>(p, p.Bm, s_B, b, t0);
+    stage_bc<T, NP>(p, p.Cm, s_C, b, t0);
+    __syncthreads();
+
+    // Phase 1: walk forward from the chunk's incoming state, checkpointing the state before each segment.
+    float h[kNPT];
+    load_chunk_state<NP>(p, w, p.chunk_carry, b, ch, h);
+    for (int seg = 0; seg < kSegsPerChunk; ++seg) {
+#pragma unroll
+      for (int k = 0; k < kNPT; ++k) s_ckpt[(seg * kNPT + k) * kThreads + tid] = h[k];
+#pragma unroll
+      for (int i = 0; i < kSeg; ++i) {
+        const int t = seg * kSeg + i;
+        const float dl = s_delta[t * G::TS + w.c];
+        const float du = dl * s_u[t * G::TS + w.c];
+        const float4 bv = *reinterpret_cast<const float4*>(s_B + t * NP + w.q * kNPT);
+        h[0] = exp2f(dl * A2[0]) * h[0] + du * bv.x;
+        h[1] = exp2f(dl * A2[1]) * h[1] + du * bv.y;
+        h[2] = exp2f(dl * A2[2]) * h[2] + du * bv.z;
+        h[3] = exp2f(dl * A2[3]) * h[3] + du * bv.w;
+      }
+    }
+
+    // Phase 2: segments last to first; recompute decays and states, then walk the adjoint backwards.
+    float m[kNPT];
+    load_chunk_state<NP>(p, w, p.rev_carry, b, ch, m);
+    for (int seg = kSegsPerChunk - 1; seg >= 0; --seg) {
+#pragma unroll
+      for (int k = 0; k < kNPT; ++k) h[k] = s_ckpt[(seg * kNPT + k) * kThreads + tid];
+      float a[kSeg][kNPT], hp[kSeg][kNPT];
+#pragma unroll
+      for (int i = 0; i < kSeg; ++i) {
+        const int t = seg * kSeg + i;
+        const float dl = s_delta[t * G::TS + w.c];
+        const float du = dl * s_u[t * G::TS + w.c];
+        const float4 bv = *reinterpret_cast<const float4*>(s_B + t * NP + w.q * kNPT);
+        const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+        for (int k = 0; k < kNPT; ++k) {
+          a[i][k] = exp2f(dl * A2[k]);
+          hp[i][k] = h[k];
+          h[k] = a[i][k] * h[k] + du * bk[k];
+        }
+      }
+#pragma unroll
+      for (int i = kSeg - 1; i >= 0; --i) {
+        const int t = seg * kSeg + i;
+        const int o = t * G::TS + w.c;
+        const float dl = s_delta[o];
+        const float u = s_u[o];
+        const float dy = s_dy[o];
+        const float dlu = dl * u;
+        const float4 bv = *reinterpret_cast<const float4*>(s_B + t * NP + w.q * kNPT);
+        const float4 cv = *reinterpret_cast<const float4*>(s_C + t * NP + w.q * kNPT);
+        const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
+        const float ck[kNPT] = {cv.x, cv.y, cv.z, cv.w};
+        float dl_part = 0.f, du_part = 0.f, y_part = 0.f;
+        float v[8];
+#pragma unroll
+        for (int k = 0; k < kNPT; ++k) {
+          const float lam = dy * ck[k] + m[k];
+          const float ah = a[i][k] * hp[i][k];
+          const float hk = ah + dlu * bk[k];
+          const float qk = lam * ah;
+          dl_part += A2[k] * qk;
+          du_part += lam * bk[k];
+          y_part += ck[k] * hk;
+          dA_acc[k] += qk * dl;
+          v[k] = lam * dlu;
+          v[kNPT + k] = dy * hk;
+          m[k] = a[i][k] * lam;
+        }
+        dl_part = sum_states<NP>(dl_part);
+        du_part = sum_states<NP>(du_part);
+        y_part = sum_states<NP>(y_part);
+        if (w.q == 0) {
+          const float ddelta = (dl_part * kLn2 + du_part * u) * s_sig[o];
+          dbias_acc += ddelta;
+          dD_acc += dy * u;
+          s_dy[o] = du_part * dl + Dd * dy;
+          s_sig[o] = ddelta;
+          s_dzf[o] = (y_part + Dd * u) * s_dzf[o];
+        }
+        reduce_scatter_channels<NP>(v, w.lane);
+#pragma unroll
+        for (int r = 0; r < G::R; ++r) s_red[(i * G::R + r) * kThreads + tid] = v[r];
+      }
+      __syncthreads();
+      // Sum the warps' partial dB/dC of this segment and write them (once per channel tile).
+      for (int e = tid; e < kSeg * 32 * G::R; e += kThreads) {
+        const int i = e / (32 * G::R);
+        const int rem = e - i * 32 * G::R;
+        const int ln = rem / G::R, r = rem - ln * G::R;
+        float s = 0.f;
+#pragma unroll
+        for (int wp = 0; wp < kThreads / 32; ++wp) s += s_red[(i * G::R + r) * kThreads + wp * 32 + ln];
+        const int q = ln % G::LPC, cw = ln / G::LPC;
+        int idx = r;
+#pragma unroll
+        for (int l = 0; l < G::LEVELS; ++l)
+          if ((cw >> l) & 1) idx += (4 >> l);
+        const int n = q * kNPT + (idx & 3);
+        const int tt = t0 + seg * kSeg + i;
+        if (n < p.dstate && tt < p.seqlen) {
+          float* dst = ((idx >> 2) ? p.dC : p.dB) + ((size_t)b * p.dstate + n) * p.seqlen + tt;
+          if (atomic_bc) atomicAdd(dst, s); else *dst = s;
+        }
+      }
+      __syncthreads();
+    }
+
+    // Per-token outputs of this chunk.
+    const bool has_z = p.z != nullptr;
+    for_tile<NP>(p, b, t0, [&](int c, int t, bool valid, size_t row) {
+      if (!valid) return;
+      const int o = t * G::TS + c;
+      Cvt<T>::st(static_cast<T*>(p.du) + row, s_dy[o]);
+      Cvt<T>::st(static_cast<T*>(p.ddelta) + row, s_sig[o]);
+      if (has_z) Cvt<T>::st(static_cast<T*>(p.dz) + row, s_dzf[o]);
+    });
+  }
+
+  // Per-block partial sums over its chunks (summed over blocks by the caller).
+  const int g = blockIdx.y;
+  if (w.active) {
+#pragma unroll
+    for (int k = 0; k < kNPT; ++k) {
+      const int n = w.q * kNPT + k;
+      if (n < p.dstate) p.dA_part[(((size_t)b * p.ngroups + g) * p.dstate + n) * p.dim + w.d] = dA_acc[k];
+    }
+    if (w.q == 0) {
+      p.dD_part[((size_t)b * p.ngroups + g) * p.dim + w.d] = dD_acc;
+      p.dbias_part[((size_t)b * p.ngroups + g) * p.dim + w.d] = dbias_acc;
+    }
+  }
+}
+
+template <typename T, int NP>
+cudaError_t backward_impl(const Params& p, cudaStream_t stream) {
+  using G = Geo<NP>;
+  const dim3 grid = main_grid(p, G::CPB);
+  const size_t smem_local = (3 * G::kTile + G::kBC) * sizeof(float);
+  const size_t smem_main = bwd_main_smem_floats<NP>() * sizeof(float);
+  cudaError_t err = cudaFuncSetAttribute(bwd_local_kernel<T, NP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)smem_local);
+  if (err != cudaSuccess) return err;
+  err = cudaFuncSetAttribute(bwd_main_kernel<T, NP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_main);
+  if (err != cudaSuccess) return err;
+  bwd_local_kernel<T, NP><<<grid, kThreads, smem_local, stream>>>(p);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if ((err = launch_carry(p, /*reverse=*/true, p.chunk_local, p.rev_carry, stream)) != cudaSuccess) return err;
+  bwd_main_kernel<T, NP><<<grid, kThreads, smem_main, stream>>>(p, grid.x > 1);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t backward_dispatch_n(const Params& p, cudaStream_t stream) {
+  switch (padded_dstate(p.dstate)) {
+    case 16: return backward_impl<T, 16>(p, stream);
+    case 32: return backward_impl<T, 32>(p, stream);
+    case 64: return backward_impl<T, 64>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace detail
+
+cudaError_t backward(const Params& p, cudaStream_t stream) {
+  switch (p.dtype) {
+    case DType::kFloat32: return detail::backward_dispatch_n<float>(p, stream);
+    case DType::kFloat16: return detail::backward_dispatch_n<__half>(p, stream);
+    case DType::kBFloat16: return detail::backward_dispatch_n<__nv_bfloat16>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace selective_scan

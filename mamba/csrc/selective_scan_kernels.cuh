@@ -1,0 +1,242 @@
+// Selective-scan CUDA kernels (chunk-parallel). CUDA headers and our own only.
+//
+// Math (per batch b, channel d, state n, token t):
+//   Δ_t = softplus(δ_t + bias_d) (or δ_t + bias_d),  a_t = exp(Δ_t A[d,n]),  h_t = a_t h_{t-1} + Δ_t B_t[n] u_t,
+//   y_t = Σ_n C_t[n] h_t[n] + D_d u_t,  out_t = y_t · silu(z_t) (or y_t).
+//
+// Parallel structure. The sequence is cut into chunks of kChunk tokens. One thread walks one chunk of one
+// channel for kNPT=4 states (a channel's states are spread over NP/4 neighbouring lanes), so every block works
+// on (batch b, one chunk, a tile of channels) at a time and there are B·D·L/64·N/4 independent walks.
+//   forward:  (1) local walk from a zero state -> per-chunk end state and Σ Δ      [fwd_local_kernel]
+//             (2) carry across chunks (segments of kSegChunks chunks, then chunks) [carry_* kernels]
+//             (3) walk again from the true incoming state -> outputs               [fwd_out_kernel]
+//   backward: (1) local reverse walk of the adjoint from zero -> per-chunk message  [bwd_local_kernel]
+//             (2) carry the message right-to-left                                  [carry_* kernels]
+//             (3) per chunk: forward walk storing a state checkpoint every kSeg tokens, then segment by
+//                 segment (last first): recompute the kSeg states and decays into registers and walk the
+//                 adjoint backwards, producing every gradient                       [bwd_main_kernel]
+// Per-token inputs are staged into shared-memory tiles [token][channel] with coalesced loads (softplus,
+// sigmoid and silu evaluated once per token there), B and C into [token][state] tiles shared by all channels
+// of the block. dB/dC (sums over channels) are reduced across lanes with a reduce-scatter butterfly and across
+// warps in shared memory, so each (n, t) is written once per channel tile.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "selective_scan.h"
+
+namespace selective_scan {
+namespace detail {
+
+constexpr int kThreads = 128;
+constexpr int kNPT = 4;   // states per thread
+constexpr int kSeg = 8;   // tokens per backward recompute segment
+constexpr int kSegsPerChunk = kChunk / kSeg;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <typename T> struct Cvt;
+template <> struct Cvt<float> {
+  static __device__ __forceinline__ float ld(const float* p) { return *p; }
+  static __device__ __forceinline__ void st(float* p, float v) { *p = v; }
+};
+template <> struct Cvt<__half> {
+  static __device__ __forceinline__ float ld(const __half* p) { return __half2float(*p); }
+  static __device__ __forceinline__ void st(__half* p, float v) { *p = __float2half_rn(v); }
+};
+template <> struct Cvt<__nv_bfloat16> {
+  static __device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+  static __device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+};
+
+__device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
+
+template <int NP>
+struct Geo {
+  static_assert(NP % kNPT == 0 && NP <= 64, "unsupported state count");
+  static constexpr int LPC = NP / kNPT;        // lanes per channel
+  static constexpr int CPW = 32 / LPC;         // channels per warp
+  static constexpr int CPB = kThreads / LPC;   // channels per block
+  static constexpr int TS = CPB + 1;           // padded row stride of a [token][channel] tile
+  static constexpr int kTile = kChunk * TS;    // floats in one [token][channel] tile
+  static constexpr int kBC = kChunk * NP;      // floats in one [token][state] tile
+  static constexpr int LEVELS = (CPW >= 8) ? 3 : (CPW == 4 ? 2 : 1);  // butterfly levels over channels
+  static constexpr int R = 8 >> LEVELS;        // values per lane after the reduce-scatter
+};
+
+// Which channel / states this thread owns.
+template <int NP>
+struct Who {
+  int lane, warp, cw, q, c, d;
+  bool active;
+  __device__ __forceinline__ explicit Who(int dim) {
+    lane = threadIdx.x & 31;
+    warp = threadIdx.x >> 5;
+    cw = lane / Geo<NP>::LPC;
+    q = lane % Geo<NP>::LPC;
+    c = warp * Geo<NP>::CPW + cw;
+    d = blockIdx.x * Geo<NP>::CPB + c;
+    active = d < dim;
+  }
+};
+
+// Calls f(c, t, valid, row_index) for every (channel-in-tile c, token-in-chunk t) of the block's tile, with
+// consecutive threads on consecutive tokens (coalesced global reads along the sequence).
+template <int NP, typename F>
+__device__ __forceinline__ void for_tile(const Params& p, int b, int t0, F&& f) {
+  using G = Geo<NP>;
+  const int d0 = blockIdx.x * G::CPB;
+  for (int idx = threadIdx.x; idx < G::CPB * kChunk; idx += kThreads) {
+    const int c = idx / kChunk, t = idx - c * kChunk;
+    const int d = d0 + c, tt = t0 + t;
+    const bool valid = d < p.dim && tt < p.seqlen;
+    const size_t row = valid ? ((size_t)b * p.dim + d) * p.seqlen + tt : 0;
+    f(c, t, valid, row);
+  }
+}
+
+// Loads a (batch, 1, dstate, seqlen) tensor's chunk into a [token][state] tile (zeros outside).
+template <typename T, int NP>
+__device__ __forceinline__ void stage_bc(const Params& p, const void* src, float* tile, int b, int t0) {
+  const T* x = static_cast<const T*>(src);
+  for (int idx = threadIdx.x; idx < NP * kChunk; idx += kThreads) {
+    const int n = idx / kChunk, t = idx - n * kChunk, tt = t0 + t;
+    float v = 0.f;
+    if (n < p.dstate && tt < p.seqlen) v = Cvt<T>::ld(x + ((size_t)b * p.dstate + n) * p.seqlen + tt);
+    tile[t * NP + n] = v;
+  }
+}
+
+template <int NP>
+__device__ __forceinline__ void load_A2(const Params& p, const Who<NP>& w, float (&A2)[kNPT]) {
+#pragma unroll
+  for (int k = 0; k < kNPT; ++k) {
+    const int n = w.q * kNPT + k;
+    A2[k] = (w.active && n < p.dstate) ? p.A[(size_t)w.d * p.dstate + n] * kLog2e : 0.f;
+  }
+}
+
+// Chunk array (batch, nchunks, dstate, dim) index.
+__device__ __forceinline__ size_t chunk_idx(const Params& p, int b, int ch, int n, int d) {
+  return (((size_t)b * p.nchunks + ch) * p.dstate + n) * p.dim + d;
+}
+
+template <int NP>
+__device__ __forceinline__ void load_chunk_state(const Params& p, const Who<NP>& w, const float* arr, int b,
+                                                 int ch, float (&h)[kNPT]) {
+#pragma unroll
+  for (int k = 0; k < kNPT; ++k) {
+    const int n = w.q * kNPT + k;
+    h[k] = (w.active && n < p.dstate) ? arr[chunk_idx(p, b, ch, n, w.d)] : 0.f;
+  }
+}
+
+template <int NP>
+__device__ __forceinline__ void store_chunk_state(const Params& p, const Who<NP>& w, float* arr, int b, int ch,
+                                                  const float (&h)[kNPT]) {
+#pragma unroll
+  for (int k = 0; k < kNPT; ++k) {
+    const int n = w.q * kNPT + k;
+    if (w.active && n < p.dstate) arr[chunk_idx(p, b, ch, n, w.d)] = h[k];
+  }
+}
+
+// Sum over the LPC lanes that share a channel (all of them get the sum).
+template <int NP>
+__device__ __forceinline__ float sum_states(float v) {
+#pragma unroll
+  for (int off = 1; off < Geo<NP>::LPC; off <<= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Carry across chunks. local/dsum come from a local-walk kernel; for every chunk c, carry[c] is what enters
+// the chunk: forward  carry[0] = 0, carry[c+1] = exp(A·dsum[c])·carry[c] + local[c];
+//            reverse  carry[C-1] = 0, carry[c-1] = exp(A·dsum[c])·carry[c] + local[c].
+// One thread per (b, segment, n, d) (d fastest: coalesced). Segments of kSegChunks chunks.
+// ---------------------------------------------------------------------------------------------------------
+struct CarryIdx {
+  int b, s, n, d;
+  __device__ __forceinline__ CarryIdx(const Params& p, long long idx) {
+    d = (int)(idx % p.dim);
+    long long r = idx / p.dim;
+    n = (int)(r % p.dstate);
+    r /= p.dstate;
+    s = (int)(r % p.nseg);
+    b = (int)(r / p.nseg);
+  }
+};
+
+__device__ __forceinline__ size_t seg_idx(const Params& p, int b, int s, int n, int d) {
+  return (((size_t)b * p.nseg + s) * (p.dstate + 1) + n) * p.dim + d;
+}
+
+template <bool kReverse>
+__global__ void carry_segments_kernel(Params p, const float* local) {
+  const long long total = (long long)p.batch * p.nseg * p.dstate * p.dim;
+  const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= total) return;
+  const CarryIdx w(p, idx);
+  const float A2 = p.A[(size_t)w.d * p.dstate + w.n] * kLog2e;
+  const int lo = w.s * kSegChunks, hi = min(lo + kSegChunks, p.nchunks);
+  float H = 0.f, S = 0.f;
+  for (int i = 0; i < hi - lo; ++i) {
+    const int c = kReverse ? hi - 1 - i : lo + i;
+    const float ds = p.chunk_dsum[((size_t)w.b * p.nchunks + c) * p.dim + w.d];
+    H = exp2f(A2 * ds) * H + local[chunk_idx(p, w.b, c, w.n, w.d)];
+    S += ds;
+  }
+  p.seg_agg[seg_idx(p, w.b, w.s, w.n, w.d)] = H;
+  if (w.n == 0) p.seg_agg[seg_idx(p, w.b, w.s, p.dstate, w.d)] = S;
+}
+
+template <bool kReverse>
+__global__ void carry_apply_kernel(Params p, const float* local, float* carry) {
+  const long long total = (long long)p.batch * p.nseg * p.dstate * p.dim;
+  const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= total) return;
+  const CarryIdx w(p, idx);
+  const float A2 = p.A[(size_t)w.d * p.dstate + w.n] * kLog2e;
+  float H = 0.f;
+  const int nprev = kReverse ? p.nseg - 1 - w.s : w.s;
+  for (int i = 0; i < nprev; ++i) {
+    const int s2 = kReverse ? p.nseg - 1 - i : i;
+    H = exp2f(A2 * p.seg_agg[seg_idx(p, w.b, s2, p.dstate, w.d)]) * H + p.seg_agg[seg_idx(p, w.b, s2, w.n, w.d)];
+  }
+  const int lo = w.s * kSegChunks, hi = min(lo + kSegChunks, p.nchunks);
+  for (int i = 0; i < hi - lo; ++i) {
+    const int c = kReverse ? hi - 1 - i : lo + i;
+    carry[chunk_idx(p, w.b, c, w.n, w.d)] = H;
+    const float ds = p.chunk_dsum[((size_t)w.b * p.nchunks + c) * p.dim + w.d];
+    H = exp2f(A2 * ds) * H + local[chunk_idx(p, w.b, c, w.n, w.d)];
+  }
+  if (!kReverse && p.last_state != nullptr && w.s == p.nseg - 1)
+    p.last_state[((size_t)w.b * p.dim + w.d) * p.dstate + w.n] = H;
+}
+
+inline cudaError_t launch_carry(const Params& p, bool reverse, const float* local, float* carry,
+                                cudaStream_t stream) {
+  const long long total = (long long)p.batch * p.nseg * p.dstate * p.dim;
+  const int threads = 256;
+  const unsigned blocks = (unsigned)((total + threads - 1) / threads);
+  if (reverse) {
+    carry_segments_kernel<true><<<blocks, threads, 0, stream>>>(p, local);
+    carry_apply_kernel<true><<<blocks, threads, 0, stream>>>(p, local, carry);
+  } else {
+    carry_segments_kernel<false><<<blocks, threads, 0, stream>>>(p, local);
+    carry_apply_kernel<false><<<blocks, threads, 0, stream>>>(p, local, carry);
+  }
+  return cudaGetLastError();
+}
+
+inline dim3 main_grid(const Params& p, int cpb) {
+  return dim3((unsigned)((p.dim + cpb - 1) / cpb), (unsigned)p.ngroups, (unsigned)p.batch);
+}
+
+}  // namespace detail
+}  // namespace selective_scan
