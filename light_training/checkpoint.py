@@ -76,43 +76,6 @@ def is_training_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
     return checkpoint.get("format") == CHECKPOINT_FORMAT
 
 
-def extract_model_state_dict(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-    """The model weights of a trainer checkpoint or of a bare / wrapped state dict.
-
-    Accepts ``{"model": sd}`` (ours), ``{"state_dict": sd}``, ``{"module": sd}`` and bare state dicts (the
-    reference's files); a leading ``module.`` (DDP) is stripped from every key.
-    """
-    state = checkpoint
-    for wrapper_key in ("model", "state_dict", "module"):
-        if isinstance(state.get(wrapper_key), Mapping):
-            state = state[wrapper_key]
-            break
-    return {(key[len("module."):] if key.startswith("module.") else key): value for key, value in state.items()}
-
-
-def load_model_weights(model: torch.nn.Module, checkpoint: Mapping[str, Any], source: str = "checkpoint") -> None:
-    """Load weights strictly; on any missing/unexpected key or shape mismatch raise a readable error.
-
-    ``source`` names the file in the message.
-    """
-    state = extract_model_state_dict(checkpoint)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
-                  for key in sorted(set(state) & set(expected))
-                  if hasattr(state[key], "shape") and tuple(state[key].shape) != tuple(expected[key].shape)]
-    if missing or unexpected or mismatched:
-        def listing(title: str, items: list) -> str:
-            shown = "\n    ".join(items[:10]) + (f"\n    ... and {len(items) - 10} more" if len(items) > 10 else "")
-            return f"  {title} ({len(items)}):\n    {shown}\n" if items else ""
-        raise CheckpointError(
-            f"{source} does not fit the model {type(model).__name__}:\n" + listing("missing keys", missing)
-            + listing("unexpected keys", unexpected) + listing("shape mismatches", mismatched)
-            + "  (was it trained with other channels / feature sizes? check --feat_size, --in_chans, --out_chans)")
-    model.load_state_dict(state, strict=True)
-
-
 def tensors_are_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """True when no floating-point tensor holds NaN or Inf."""
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())

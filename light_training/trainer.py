@@ -10,15 +10,21 @@ or the data beyond two hooks a subclass may override:
 
 Under ``torchrun`` every process runs the same loop on its own shard of the patch stream (seeded by rank);
 DDP averages gradients, validation cases are split over ranks and gathered, and only rank 0 writes files.
+
+Exact resume: the training data are given as a factory ``start_batch -> iterable of batches`` (e.g.
+``functools.partial(make_patch_loader, ..., rank=rank)``, called as ``factory(start_batch=n)``). The trainer calls it
+once per ``fit()`` with the number of steps already done, so a resumed run draws the same batches as an
+uninterrupted one; Python/NumPy/torch RNGs are re-seeded at every epoch start from (seed, rank, epoch).
 """
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -26,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, capture_rng_state, load_checkpoint,
-                         load_model_weights, restore_rng_state, save_checkpoint_atomic, tensors_are_finite)
+                         restore_rng_state, save_checkpoint_atomic, tensors_are_finite)
 from .distributed import DistributedContext, all_gather_objects, all_reduce_mean
 from .lr_scheduler import PolyLRScheduler
 from .prediction import SlidingWindowConfig, SlidingWindowPredictor, labels_from_probabilities
@@ -201,16 +207,17 @@ class Trainer:
     Args:
         model: the network (not yet wrapped in DDP; the trainer wraps it under ``torchrun``).
         config: loop settings.
-        train_loader: an iterable of batches ``{"data": (B, C, *patch) float, "seg": (B, 1, *patch) int, ...}``;
-            it is re-iterated every epoch after the RNGs are re-seeded for (seed, rank, epoch) and, if it has
-            one, ``train_loader.set_epoch(epoch)`` is called, so resumed runs draw the same patches.
+        train_data: batches ``{"data": (B, C, *patch) float, "seg": (B, 1, *patch) int, ...}``, either as a
+            factory ``f(start_batch=n) -> iterable`` (resumes exactly: called with the steps already done)
+            or as a plain iterable (iterated from its start; restarted when exhausted).
         loss_fn: ``(logits, seg) -> scalar`` used by the default :meth:`training_step`.
         validator: whole-volume validator (or ``None``: no validation, no ``best_model.pt``).
         context: device / rank / world size from :func:`light_training.distributed.setup_distributed`.
         model_config: plain keyword arguments that rebuild the model (stored in checkpoints for prediction).
     """
 
-    def __init__(self, model: torch.nn.Module, config: TrainerConfig, train_loader: Iterable[Mapping[str, Any]],
+    def __init__(self, model: torch.nn.Module, config: TrainerConfig,
+                 train_data: Union[Iterable[Mapping[str, Any]], Callable[[int], Iterable[Mapping[str, Any]]]],
                  loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
                  validator: Optional[Validator] = None, context: Optional[DistributedContext] = None,
                  model_config: Optional[Dict[str, Any]] = None) -> None:
@@ -219,7 +226,8 @@ class Trainer:
         self.device = self.context.device
         self.model = model.to(self.device)
         self.network: torch.nn.Module = self.model  # the DDP wrapper once fit() starts
-        self.train_loader = train_loader
+        self.train_data = train_data
+        self._batch_iterator: Optional[Iterator[Mapping[str, Any]]] = None
         self.loss_fn = loss_fn or SegmentationLoss("ce")
         self.validator = validator
         self.model_config = dict(model_config or {})
@@ -332,7 +340,11 @@ class Trainer:
         checkpoint = load_checkpoint(path, map_location="cpu")
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path} is a bare weight file, not a training checkpoint; it cannot be resumed")
-        load_model_weights(self.model, checkpoint, source=str(path))
+        try:
+            self.model.load_state_dict(checkpoint["model"], strict=True)
+        except RuntimeError as error:
+            raise CheckpointError(f"{path} does not fit the model {type(self.model).__name__} "
+                                  f"(different model settings?): {error}") from error
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if self.scheduler.total_steps != self.total_steps:
@@ -373,6 +385,8 @@ class Trainer:
                                      "to continue it, --overwrite to start again, or choose another --logdir")
         self._configure_determinism()
         self._wrap_distributed()
+        # opened before the per-epoch seeding: a DataLoader draws its base seed from torch's RNG when iterated
+        self._batch_iterator = iter(self._open_batches())
         self._open_tensorboard()
         self._log_start()
         try:
@@ -411,17 +425,18 @@ class Trainer:
                          f"{parameters:,} parameters | AMP {amp} | {self.steps_per_epoch} steps/epoch per rank | "
                          f"{self.total_steps} steps in total | logdir {self.logdir}")
 
-    def _batches(self, epoch: int) -> Iterator[Mapping[str, Any]]:
-        seed_everything(_epoch_seed(self.config.seed, self.context.rank, epoch))
-        if hasattr(self.train_loader, "set_epoch"):
-            self.train_loader.set_epoch(epoch)
-        iterator = iter(self.train_loader)
-        while True:
-            try:
-                yield next(iterator)
-            except StopIteration:  # a finite loader is simply restarted
-                iterator = iter(self.train_loader)
-                yield next(iterator)
+    def _open_batches(self) -> Iterable[Mapping[str, Any]]:
+        is_factory = callable(self.train_data) and not hasattr(self.train_data, "__iter__")
+        return self.train_data(start_batch=self.global_step) if is_factory else self.train_data
+
+    def _next_batch(self) -> Mapping[str, Any]:
+        if self._batch_iterator is None:
+            self._batch_iterator = iter(self._open_batches())
+        try:
+            return next(self._batch_iterator)
+        except StopIteration:  # a finite iterable is simply restarted
+            self._batch_iterator = iter(self._open_batches())
+            return next(self._batch_iterator)
 
     def _any_rank(self, flag: bool) -> bool:
         """True when ``flag`` holds on at least one rank (keeps every rank taking the same branch)."""
@@ -432,14 +447,14 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> None:
         self.network.train()
         config = self.config
-        batches = self._batches(epoch)
+        seed_everything(_epoch_seed(config.seed, self.context.rank, epoch))
         losses: List[float] = []
         skipped = 0
         started = time.time()
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.max_epochs}",
                    disable=not (self._is_main and config.progress_bar), leave=False, dynamic_ncols=True)
         for _ in range(self.steps_per_epoch):
-            batch = next(batches)
+            batch = self._next_batch()
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 loss = self.training_step(batch)
@@ -465,7 +480,10 @@ class Trainer:
                     self._scalar("train/loss", losses[-1], self.global_step)
             learning_rate = self.optimizer.param_groups[0]["lr"]
             self._scalar("train/lr", learning_rate, self.global_step)
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                # a skipped first step makes torch warn that the scheduler stepped before the optimiser
+                warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step", category=UserWarning)
+                self.scheduler.step()
             self.global_step += 1
             bar.update(1)
             if losses:
