@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <limits>
 #include <vector>
 
 #include "causal_conv1d.h"
@@ -12,11 +13,21 @@ namespace {
 using causal_conv1d::DType;
 using causal_conv1d::Params;
 
+// Test aid: when set, outputs are filled with NaN before the kernels run (unwritten elements show up).
+bool g_poison = false;
+
+at::Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+  if (g_poison) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  return t;
+}
+
 Params make_params(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                    bool silu) {
   TORCH_CHECK(x.is_cuda(), "causal_conv1d: x must be a CUDA tensor");
   TORCH_CHECK(x.dim() == 3, "causal_conv1d: x must be (batch, dim, seqlen), got ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), "causal_conv1d: x must be contiguous (call .contiguous())");
+  TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2) && x.stride(0) >= x.size(1) * x.size(2),
+              "causal_conv1d: x must have contiguous (dim, seqlen) rows (a channel slice is fine)");
   TORCH_CHECK(weight.is_cuda() && weight.device() == x.device(), "causal_conv1d: weight must be on x's device");
   TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous(),
               "causal_conv1d: the binding takes a contiguous float32 weight");
@@ -45,6 +56,7 @@ Params make_params(const at::Tensor& x, const at::Tensor& weight, const c10::opt
   TORCH_CHECK(p.dim <= 65535 && p.batch <= 65535, "causal_conv1d: dim and batch must be <= 65535");
   p.silu = silu;
   p.x = x.data_ptr();
+  p.x_batch_stride = x.stride(0);
   p.weight = weight.data_ptr<float>();
   p.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   return p;
@@ -53,7 +65,7 @@ Params make_params(const at::Tensor& x, const at::Tensor& weight, const c10::opt
 at::Tensor fwd(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool silu) {
   const c10::cuda::CUDAGuard guard(x.device());
   Params p = make_params(x, weight, bias, silu);
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = alloc(x.sizes(), x.options());
   p.out = out.data_ptr();
   const cudaError_t err = causal_conv1d::forward(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "causal_conv1d forward kernel failed: ", cudaGetErrorString(err));
@@ -68,8 +80,8 @@ std::vector<at::Tensor> bwd(const at::Tensor& x, const at::Tensor& weight, const
   TORCH_CHECK(dout.is_cuda() && dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type() &&
                   dout.is_contiguous(),
               "causal_conv1d: dout must be a contiguous tensor like x");
-  at::Tensor dx = at::empty_like(x);
-  at::Tensor part = at::empty({p.batch, p.ntiles, p.dim, p.width + 1}, x.options().dtype(at::kFloat));
+  at::Tensor dx = alloc(x.sizes(), x.options());
+  at::Tensor part = alloc({p.batch, p.ntiles, p.dim, p.width + 1}, x.options().dtype(at::kFloat));
   p.dout = dout.data_ptr();
   p.dx = dx.data_ptr();
   p.dw_part = part.data_ptr<float>();
@@ -88,4 +100,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "causal conv1d forward", py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("silu"));
   m.def("bwd", &bwd, "causal conv1d backward", py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("dout"),
         py::arg("silu"));
+  m.def("set_poison", [](bool on) { g_poison = on; }, "fill outputs with NaN before each launch (testing)");
 }

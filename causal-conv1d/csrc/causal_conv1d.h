@@ -10,13 +10,14 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Tokens per block.
 constexpr int kTile = 2048;
 
-// x, out, dout, dx: (batch, dim, seqlen) contiguous in `dtype`; weight: (dim, width) fp32; bias: (dim) fp32
+// x: (batch, dim, seqlen) rows with batch stride x_batch_stride; out, dout, dx: contiguous in `dtype`; weight: (dim, width) fp32; bias: (dim) fp32
 // or null; dw_part: (batch, ntiles, dim, width + 1) fp32 (last slot: bias gradient), summed by the caller.
 struct Params {
   int batch = 0, dim = 0, seqlen = 0, width = 0, ntiles = 0;
   DType dtype = DType::kFloat32;
   bool silu = false;
   const void* x = nullptr;
+  long long x_batch_stride = 0;  // x may be a channel slice of a larger tensor (rows of seqlen, stride 1)
   const float* weight = nullptr;
   const float* bias = nullptr;
   void* out = nullptr;

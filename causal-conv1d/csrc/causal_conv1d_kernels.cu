@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kThreads) conv_fwd_kernel(Params p) {
   __shared__ float sx[kTile + W - 1];
   const int b = blockIdx.z, d = blockIdx.y, t0 = blockIdx.x * kTile;
   const size_t base = ((size_t)b * p.dim + d) * p.seqlen;
-  const T* x = static_cast<const T*>(p.x) + base;
+  const T* x = static_cast<const T*>(p.x) + (size_t)b * p.x_batch_stride + (size_t)d * p.seqlen;
   for (int i = threadIdx.x; i < kTile + W - 1; i += kThreads) {
     const int t = t0 - (W - 1) + i;
     sx[i] = (t >= 0 && t < p.seqlen) ? Cvt<T>::ld(x + t) : 0.f;
@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_kernel(Params p) {
   __shared__ float sred[kThreads / 32][W + 1];
   const int b = blockIdx.z, d = blockIdx.y, t0 = blockIdx.x * kTile;
   const size_t base = ((size_t)b * p.dim + d) * p.seqlen;
-  const T* x = static_cast<const T*>(p.x) + base;
+  const T* x = static_cast<const T*>(p.x) + (size_t)b * p.x_batch_stride + (size_t)d * p.seqlen;
   const T* dout = static_cast<const T*>(p.dout) + base;
   for (int i = threadIdx.x; i < kTile + 2 * (W - 1); i += kThreads) {
     const int t = t0 - (W - 1) + i;

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,16 @@ namespace {
 
 using selective_scan::DType;
 using selective_scan::Params;
+
+// Test aid: when set, every output buffer is filled with NaN before the kernels run, so an element the
+// kernels fail to write shows up as NaN instead of passing with stale memory.
+bool g_poison = false;
+
+at::Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+  if (g_poison) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  return t;
+}
 
 DType to_dtype(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -72,7 +83,14 @@ Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
                 "selective_scan: ", name, " must be (batch, 1, dstate, seqlen) = (", batch, ", 1, ", dstate, ", ",
                 seqlen, "), got ", t.sizes());
   }
-  if (z.has_value()) check_same(*z, "z", u);
+  if (z.has_value()) {
+    const at::Tensor& zt = *z;
+    TORCH_CHECK(zt.is_cuda() && zt.device() == u.device(), "selective_scan: z must be on u's device");
+    TORCH_CHECK(zt.scalar_type() == u.scalar_type(), "selective_scan: z must have u's dtype");
+    TORCH_CHECK(zt.sizes() == u.sizes(), "selective_scan: z has shape ", zt.sizes(), " but u has ", u.sizes());
+    TORCH_CHECK(zt.stride(2) == 1 && zt.stride(1) == seqlen && zt.stride(0) >= dim * seqlen,
+                "selective_scan: z must have contiguous (dim, seqlen) rows (a channel slice is fine)");
+  }
   check_fp32_vec(D, "D", u, dim);
   check_fp32_vec(delta_bias, "delta_bias", u, dim);
   TORCH_CHECK(seqlen >= 1 && batch >= 1 && dim >= 1, "selective_scan: empty input ", u.sizes());
@@ -89,6 +107,7 @@ Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   p.u = u.data_ptr();
   p.delta = delta.data_ptr();
   p.z = z.has_value() ? z->data_ptr() : nullptr;
+  p.z_batch_stride = z.has_value() ? z->stride(0) : dim * seqlen;
   p.Bm = B.data_ptr();
   p.Cm = C.data_ptr();
   p.A = A.data_ptr<float>();
@@ -116,12 +135,12 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
   const c10::cuda::CUDAGuard guard(u.device());
   Params p = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
   auto f32 = u.options().dtype(at::kFloat);
-  at::Tensor out = at::empty_like(u);
-  at::Tensor chunk_local = at::empty({p.batch, p.nchunks, p.dstate, p.dim}, f32);
-  at::Tensor chunk_carry = at::empty({p.batch, p.nchunks, p.dstate, p.dim}, f32);
-  at::Tensor chunk_dsum = at::empty({p.batch, p.nchunks, p.dim}, f32);
-  at::Tensor seg_agg = at::empty({p.batch, p.nseg, p.dstate + 1, p.dim}, f32);
-  at::Tensor last_state = return_last_state ? at::empty({p.batch, p.dim, p.dstate}, f32) : at::Tensor();
+  at::Tensor out = alloc(u.sizes(), u.options());
+  at::Tensor chunk_local = alloc({p.batch, p.nchunks, p.dstate, p.dim}, f32);
+  at::Tensor chunk_carry = alloc({p.batch, p.nchunks, p.dstate, p.dim}, f32);
+  at::Tensor chunk_dsum = alloc({p.batch, p.nchunks, p.dim}, f32);
+  at::Tensor seg_agg = alloc({p.batch, p.nseg, p.dstate + 1, p.dim}, f32);
+  at::Tensor last_state = return_last_state ? alloc({p.batch, p.dim, p.dstate}, f32) : at::Tensor();
   p.out = out.data_ptr();
   p.chunk_local = chunk_local.data_ptr<float>();
   p.chunk_carry = chunk_carry.data_ptr<float>();
@@ -150,17 +169,17 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
               "selective_scan: chunk_dsum does not match the inputs");
   auto f32 = u.options().dtype(at::kFloat);
   const bool atomic_bc = selective_scan::channel_tiles(p.dim, p.dstate) > 1;
-  at::Tensor du = at::empty_like(u);
-  at::Tensor ddelta = at::empty_like(u);
-  at::Tensor dz = z.has_value() ? at::empty_like(u) : at::Tensor();
-  at::Tensor dB = atomic_bc ? at::zeros(B.sizes(), f32) : at::empty(B.sizes(), f32);
-  at::Tensor dC = atomic_bc ? at::zeros(C.sizes(), f32) : at::empty(C.sizes(), f32);
-  at::Tensor rev_local = at::empty({p.batch, p.nchunks, p.dstate, p.dim}, f32);
-  at::Tensor rev_carry = at::empty({p.batch, p.nchunks, p.dstate, p.dim}, f32);
-  at::Tensor seg_agg = at::empty({p.batch, p.nseg, p.dstate + 1, p.dim}, f32);
-  at::Tensor dA_part = at::empty({p.batch, p.ngroups, p.dstate, p.dim}, f32);
-  at::Tensor dD_part = at::empty({p.batch, p.ngroups, p.dim}, f32);
-  at::Tensor dbias_part = at::empty({p.batch, p.ngroups, p.dim}, f32);
+  at::Tensor du = alloc(u.sizes(), u.options());
+  at::Tensor ddelta = alloc(u.sizes(), u.options());
+  at::Tensor dz = z.has_value() ? alloc(u.sizes(), u.options()) : at::Tensor();
+  at::Tensor dB = atomic_bc ? at::zeros(B.sizes(), f32) : alloc(B.sizes(), f32);
+  at::Tensor dC = atomic_bc ? at::zeros(C.sizes(), f32) : alloc(C.sizes(), f32);
+  at::Tensor rev_local = alloc({p.batch, p.nchunks, p.dstate, p.dim}, f32);
+  at::Tensor rev_carry = alloc({p.batch, p.nchunks, p.dstate, p.dim}, f32);
+  at::Tensor seg_agg = alloc({p.batch, p.nseg, p.dstate + 1, p.dim}, f32);
+  at::Tensor dA_part = alloc({p.batch, p.ngroups, p.dstate, p.dim}, f32);
+  at::Tensor dD_part = alloc({p.batch, p.ngroups, p.dim}, f32);
+  at::Tensor dbias_part = alloc({p.batch, p.ngroups, p.dim}, f32);
   p.dout = dout.data_ptr();
   p.du = du.data_ptr();
   p.ddelta = ddelta.data_ptr();
@@ -193,4 +212,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("C"), py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("delta_softplus"),
         py::arg("dout"), py::arg("chunk_carry"), py::arg("chunk_dsum"));
   m.attr("CHUNK") = selective_scan::kChunk;
+  m.def("set_poison", [](bool on) { g_poison = on; }, "fill outputs with NaN before each launch (testing)");
 }

@@ -13,7 +13,7 @@ constexpr int kChunk = 64;
 // Chunks per carry segment (the carry kernels scan segments, then chunks inside a segment).
 constexpr int kSegChunks = 32;
 
-// All tensors are contiguous. Shapes: u, delta, z, out, dout, du, ddelta, dz: (batch, dim, seqlen) in
+// All tensors are contiguous, except z, whose batch stride is z_batch_stride (rows of seqlen, stride 1). Shapes: u, delta, z, out, dout, du, ddelta, dz: (batch, dim, seqlen) in
 // `dtype`; A: (dim, dstate) fp32; Bm, Cm: (batch, 1, dstate, seqlen) in `dtype`; D, delta_bias: (dim) fp32
 // or null; chunk arrays: (batch, nchunks, dstate, dim) fp32; chunk_dsum: (batch, nchunks, dim) fp32;
 // seg_agg: (batch, nseg, dstate + 1, dim) fp32; last_state: (batch, dim, dstate) fp32 or null;
@@ -29,6 +29,7 @@ struct Params {
   const void* u = nullptr;
   const void* delta = nullptr;
   const void* z = nullptr;
+  long long z_batch_stride = 0;  // z may be a channel slice of a larger tensor: (batch, ·, seqlen) rows
   const void* Bm = nullptr;
   const void* Cm = nullptr;
   const float* A = nullptr;

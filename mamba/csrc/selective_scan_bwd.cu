@@ -50,7 +50,7 @@ __device__ __forceinline__ void stage_bwd_inputs(const Params& p, int b, int t0,
       u = Cvt<T>::ld(static_cast<const T*>(p.u) + row);
       const float g = Cvt<T>::ld(static_cast<const T*>(p.dout) + row);
       if (has_z) {
-        const float z = Cvt<T>::ld(static_cast<const T*>(p.z) + row);
+        const float z = Cvt<T>::ld(static_cast<const T*>(p.z) + z_row(p, b, row));
         const float sz = sigmoid_f(z);
         dy = g * z * sz;
         dzf = g * sz * (1.f + z * (1.f - sz));

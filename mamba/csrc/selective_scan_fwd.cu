@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kThreads) fwd_out_kernel(Params p) {
         if (p.delta_softplus) dl = softplus_f(dl);
         u = Cvt<T>::ld(static_cast<const T*>(p.u) + row);
         if (has_z) {
-          const float z = Cvt<T>::ld(static_cast<const T*>(p.z) + row);
+          const float z = Cvt<T>::ld(static_cast<const T*>(p.z) + z_row(p, b, row));
           zs = z * sigmoid_f(z);
         }
       }

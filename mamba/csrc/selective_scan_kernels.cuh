@@ -101,6 +101,11 @@ __device__ __forceinline__ void for_tile(const Params& p, int b, int t0, F&& f) 
 }
 
 // Loads a (batch, 1, dstate, seqlen) tensor's chunk into a [token][state] tile (zeros outside).
+// Row offset of z for a contiguous row offset `row` of batch b (z may have a larger batch stride).
+__device__ __forceinline__ size_t z_row(const Params& p, int b, size_t row) {
+  return row + (size_t)b * (size_t)(p.z_batch_stride - (long long)p.dim * p.seqlen);
+}
+
 template <typename T, int NP>
 __device__ __forceinline__ void stage_bc(const Params& p, const void* src, float* tile, int b, int t0) {
   const T* x = static_cast<const T*>(src);

@@ -1,29 +1,133 @@
 """Seam between the public scan API and the compiled CUDA kernels (``mamba_ssm._selective_scan_cuda``).
 
 :func:`mamba_ssm.ops.selective_scan_fn` asks :func:`available` and, for CUDA tensors, calls
-:func:`selective_scan_cuda_fn` (same signature as ``selective_scan_fn``). The kernels' autograd wrapper
-lives here; until it is written the function raises ``NotImplementedError``.
+:func:`selective_scan_cuda_fn` (same signature as ``selective_scan_fn``). The kernels cover float32, float16
+and bfloat16 inputs with input-dependent B and C in one group and d_state ≤ 64; anything else (constant or
+grouped B/C, float64, larger d_state) runs the chunked PyTorch scan instead, with one log line.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
+import torch
+
+logger = logging.getLogger("mamba_ssm")
+
 _AVAILABLE: Optional[bool] = None
+_EXT = None
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FALLBACK_LOGGED: set = set()
 
 
 def available() -> bool:
     """True when the compiled extension ``mamba_ssm._selective_scan_cuda`` can be imported."""
-    global _AVAILABLE
+    global _AVAILABLE, _EXT
     if _AVAILABLE is None:
         try:
-            from mamba_ssm import _selective_scan_cuda  # noqa: F401
+            from mamba_ssm import _selective_scan_cuda
+            _EXT = _selective_scan_cuda
             _AVAILABLE = True
         except ImportError:
             _AVAILABLE = False
     return _AVAILABLE
 
 
+def kernel_supports(u, delta, B, C, A, z=None) -> Optional[str]:
+    """None when the kernels handle these arguments, else the reason they do not."""
+    dtype = u.dtype
+    for t in (delta, B, C, z):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    if dtype not in _KERNEL_DTYPES:
+        return f"dtype {dtype}"
+    if B.dim() != 4 or C.dim() != 4:
+        return "constant (dim, N) B/C"
+    if B.shape[1] != 1 or C.shape[1] != 1:
+        return f"{B.shape[1]} B/C groups"
+    if A.shape[1] > 64:
+        return f"d_state {A.shape[1]} > 64"
+    if u.numel() == 0:
+        return "empty input"
+    return None
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as (batch, dim, L) with contiguous (dim, L) rows; a channel slice of a bigger tensor is kept."""
+    b, d, length = t.shape
+    if t.stride(2) == 1 and t.stride(1) == length and t.stride(0) >= d * length:
+        return t
+    return t.contiguous()
+
+
+class SelectiveScanCudaFn(torch.autograd.Function):
+    """Autograd wrapper of the forward/backward kernels. Saves the per-chunk carried states (float32,
+    ``batch·L/64·N·dim`` values) instead of the full ``(batch, dim, N, L)`` state history."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        # One storage dtype for the per-token inputs: the widest of them (e.g. fp16 + fp32 -> fp32).
+        dtype = u.dtype
+        for t in (delta, B, C, z):
+            if t is not None:
+                dtype = torch.promote_types(dtype, t.dtype)
+        ctx.u_dtype = u.dtype
+        ctx.in_dtypes = (delta.dtype, B.dtype, C.dtype, None if z is None else z.dtype)
+        ctx.b_shape, ctx.c_shape = B.shape, C.shape
+        ctx.a_dtype = A.dtype
+        ctx.d_dtype = None if D is None else D.dtype
+        ctx.bias_dtype = None if delta_bias is None else delta_bias.dtype
+        u_c = u.to(dtype).contiguous()
+        delta_c = delta.to(dtype).contiguous()
+        B_c = B.to(dtype).contiguous()
+        C_c = C.to(dtype).contiguous()
+        z_c = None if z is None else _rows(z.to(dtype))
+        A_c = A.float().contiguous()
+        D_c = None if D is None else D.float().contiguous()
+        bias_c = None if delta_bias is None else delta_bias.float().contiguous()
+        out, last_state, carry, dsum = _EXT.fwd(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c,
+                                                bool(delta_softplus), bool(return_last_state))
+        out = out.to(u.dtype)
+        ctx.delta_softplus = bool(delta_softplus)
+        ctx.save_for_backward(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, carry, dsum)
+        if return_last_state:
+            ctx.mark_non_differentiable(last_state)
+            return out, last_state
+        return out
+
+    @staticmethod
+    def backward(ctx, dout, *unused):
+        u, delta, A, B, C, D, z, bias, carry, dsum = ctx.saved_tensors
+        dout = dout.to(u.dtype).contiguous()
+        du, ddelta, dA, dB, dC, dD, dz, dbias = _EXT.bwd(u, delta, A, B, C, D, z, bias, ctx.delta_softplus,
+                                                         dout, carry, dsum)
+        delta_dtype, b_dtype, c_dtype, z_dtype = ctx.in_dtypes
+        du = du.to(ctx.u_dtype)
+        ddelta = ddelta.to(delta_dtype)
+        dB = dB.to(b_dtype).reshape(ctx.b_shape)
+        dC = dC.to(c_dtype).reshape(ctx.c_shape)
+        dA = dA.to(ctx.a_dtype)
+        dD = None if D is None else dD.to(ctx.d_dtype)
+        dz = None if z is None else dz.to(z_dtype)
+        dbias = None if bias is None else dbias.to(ctx.bias_dtype)
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None
+
+
 def selective_scan_cuda_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                            return_last_state=False):
-    """Selective scan on CUDA tensors with the compiled kernels (arguments as ``selective_scan_fn``)."""
-    raise NotImplementedError("the selective-scan CUDA kernel wrapper is not implemented yet")
+    """Selective scan on CUDA tensors with the compiled kernels (arguments as ``selective_scan_fn``).
+
+    Falls back to the chunked PyTorch scan for argument combinations the kernels do not cover."""
+    if B.dim() == 3:  # (batch, N, L) shorthand for one group
+        B = B.unsqueeze(1)
+    if C.dim() == 3:
+        C = C.unsqueeze(1)
+    reason = kernel_supports(u, delta, B, C, A, z)
+    if reason is not None:
+        if reason not in _FALLBACK_LOGGED:
+            _FALLBACK_LOGGED.add(reason)
+            logger.info("mamba_ssm selective scan: %s is not covered by the CUDA kernels; "
+                        "using the chunked PyTorch implementation for it", reason)
+        from mamba_ssm.ops.selective_scan_chunked import selective_scan_chunked
+        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return SelectiveScanCudaFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -1,0 +1,33 @@
+"""Small forward+backward of both CUDA kernels, meant to run under compute-sanitizer:
+
+    compute-sanitizer --tool memcheck  python bench/sanitize_kernels.py
+    compute-sanitizer --tool racecheck python bench/sanitize_kernels.py
+
+Covers a partial last chunk, several chunk groups, N padding and several channel tiles (atomics)."""
+import torch
+
+from causal_conv1d import causal_conv1d_fn
+from mamba_ssm.ops import selective_scan_fn
+
+
+def main():
+    torch.manual_seed(0)
+    for (b, d, length, n, dtype) in [(1, 40, 150, 16, torch.float32), (2, 136, 77, 5, torch.bfloat16),
+                                     (1, 16, 70, 64, torch.float16)]:
+        mk = lambda *s: torch.randn(*s, device="cuda").to(dtype).requires_grad_()  # noqa: E731
+        u, delta, z = mk(b, d, length), mk(b, d, length), mk(b, d, length)
+        Bm, Cm = mk(b, 1, n, length), mk(b, 1, n, length)
+        A = (-torch.rand(d, n, device="cuda") * 4).requires_grad_()
+        D = torch.randn(d, device="cuda", requires_grad=True)
+        bias = torch.randn(d, device="cuda", requires_grad=True)
+        out, last = selective_scan_fn(u, delta, A, Bm, Cm, D, z, bias, delta_softplus=True, return_last_state=True)
+        out.float().sum().backward()
+        w = torch.randn(d, 4, device="cuda", requires_grad=True)
+        y = causal_conv1d_fn(u.detach().requires_grad_(), w, bias, "silu")
+        y.float().sum().backward()
+    torch.cuda.synchronize()
+    print("sanitize run finished")
+
+
+if __name__ == "__main__":
+    main()
