@@ -3,36 +3,48 @@
 Same semantics as :func:`mamba_ssm.ops.selective_scan_ref.selective_scan_ref_loop` (see there), computed
 in float32 whatever the input dtype (float64 inputs are computed in float64).
 
-How it runs. The sequence is processed in *segments* of ``segment_len`` tokens, so the (batch, dim, N, L)
-state tensor is never materialised for the whole sequence. A segment is cut into ``nc`` *chunks* of
-``chunk_len`` tokens laid out as ``(T, batch, G, nc, dim/G, N)`` (token-in-chunk first). The recurrence
-``h_t = a_t * h_{t-1} + beta_t`` is associative, so
+How it runs. The recurrence ``h_t = a_t * h_{t-1} + beta_t`` (``a_t = exp(dt_t A)``,
+``beta_t = dt_t B_t u_t``) is associative, so the sequence can be cut into chunks that are scanned side by
+side. The sequence is processed in *segments* of ``nc`` chunks of ``T`` tokens, laid out token-in-chunk
+first as ``(T, batch, G, nc, N, dim/G)``; the whole ``(batch, dim, N, L)`` state is never materialised.
+Per segment:
 
-1. every chunk is scanned from a zero state at once: a Python loop over the ``T`` positions, each step one
-   vectorised multiply-add over all chunks of the segment (only products of decays ``a <= 1`` and sums:
-   as stable as the sequential loop, for any ``delta * |A|``);
+1. a loop over the ``T`` positions scans every chunk from a zero state at once (each step one vectorised
+   multiply-add over all chunks, small enough to stay in cache), keeping ``a`` and ``beta``;
 2. a short loop over the chunks carries the true state from chunk to chunk
-   (``h_in[c+1] = prod(a over chunk c) * h_in[c] + h_local_end[c]``);
-3. a fix-up adds ``(prod_{s <= t} a_s) * h_in`` to every local state; the cumulative decay is
-   ``exp(A * cumsum(delta))`` within the chunk, a number in [0, 1].
+   (``h_in[c+1] = exp(A * sum(dt over chunk c)) * h_in[c] + h_local_end[c]``);
+3. a second loop over the positions re-runs the recurrence from the true chunk states and contracts with
+   ``C``. Only products of decays ``a <= 1`` and sums occur: as stable as the sequential loop for any
+   ``dt * |A|``.
 
 Backward recomputes each segment from its saved starting state (the only per-segment data kept besides
-the inputs) and runs the adjoint ``lambda_t = dy_t * C_t + a_{t+1} * lambda_{t+1}`` through the same
-chunked scheme in reverse order. See ``shared/spec/kernels.md`` for the gradient formulas.
+the inputs) and runs the adjoint ``lambda_t = dy_t C_t + a_{t+1} lambda_{t+1}`` through the same scheme in
+reverse order. See ``shared/spec/kernels.md`` for the gradient formulas.
+
+On CPU the many small operations run fastest on one intra-op thread (no thread wake-ups per step, and
+robust on a loaded machine); the scan temporarily sets ``torch.set_num_threads(1)``. Set the environment
+variable ``MAMBA_SSM_CPU_SCAN_THREADS`` to another count, or to 0 to leave torch's setting alone.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import contextlib
+import os
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-# Tokens scanned one step at a time inside a chunk, and tokens per segment (bounds the working memory:
-# a few buffers of segment_len * dim * N floats). Tuned on a 2-core CPU with bench/bench_cpu_ops.py.
+# Tokens per chunk (steps of the Python loop) and chunks per segment (the width of each vectorised step:
+# nc * batch * dim * N elements, sized to stay in a 2 MiB L2 cache for dim=96, N=16 on CPU).
+# Tuned on a 2-core CPU with bench/bench_cpu_ops.py.
 DEFAULT_CHUNK_LEN = 64
-DEFAULT_SEGMENT_LEN = 4096
+DEFAULT_CHUNKS_PER_SEGMENT_CPU = 32
+DEFAULT_CHUNKS_PER_SEGMENT_CUDA = 256
 # softplus is the identity above this (as torch.nn.functional.softplus and the CUDA kernels)
 SOFTPLUS_THRESHOLD = 20.0
+# exponents below these are clamped before exp: results stay normal numbers (subnormal arithmetic is
+# ~20x slower on x86) and the change, < 2e-35 resp. 1e-304 per factor, is far below rounding error
+_EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 
 
 def compute_dtype_for(*tensors: Optional[torch.Tensor]) -> torch.dtype:
@@ -42,290 +54,396 @@ def compute_dtype_for(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     return torch.float32
 
 
-class _Layout:
-    """Shapes of one segment in the chunked layout ``(T, batch, G, nc, Dg[, N])``."""
+def _cpu_scan_threads() -> Optional[int]:
+    value = os.environ.get("MAMBA_SSM_CPU_SCAN_THREADS", "1").strip()
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"MAMBA_SSM_CPU_SCAN_THREADS must be an integer (0 = leave torch's thread "
+                         f"count alone); got {value!r}") from None
+    return n if n > 0 else None
 
-    def __init__(self, batch: int, dim: int, groups: int, d_state: int, chunk_len: int, seg_len: int):
-        self.batch, self.dim, self.groups, self.d_state = batch, dim, groups, d_state
-        self.dg = dim // groups
-        self.seg_len = seg_len
-        self.chunk_len = min(chunk_len, seg_len)
-        self.n_chunks = -(-seg_len // self.chunk_len)
-        self.padded_len = self.n_chunks * self.chunk_len
 
-    @property
-    def chan_shape(self) -> Tuple[int, ...]:
-        return (self.chunk_len, self.batch, self.groups, self.n_chunks, self.dg)
-
-    @property
-    def state_shape(self) -> Tuple[int, ...]:
-        return self.chan_shape + (self.d_state,)
-
-    def channels_in(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, dim, S) -> contiguous (T, batch, G, nc, Dg), zero padded at the end."""
-        x = F.pad(x, (0, self.padded_len - self.seg_len))
-        x = x.reshape(self.batch, self.groups, self.dg, self.n_chunks, self.chunk_len)
-        return x.permute(4, 0, 1, 3, 2).contiguous()
-
-    def channels_out(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, batch, G, nc, Dg) -> (batch, dim, S)."""
-        x = x.permute(1, 2, 4, 3, 0).reshape(self.batch, self.dim, self.padded_len)
-        return x[..., : self.seg_len]
-
-    def tokens_in(self, m: torch.Tensor) -> torch.Tensor:
-        """Input-dependent B or C, (batch, G, N, S) -> contiguous (T, batch, G, nc, N)."""
-        m = F.pad(m, (0, self.padded_len - self.seg_len))
-        m = m.reshape(self.batch, self.groups, self.d_state, self.n_chunks, self.chunk_len)
-        return m.permute(4, 0, 1, 3, 2).contiguous()
-
-    def tokens_out(self, m: torch.Tensor) -> torch.Tensor:
-        """(T, batch, G, nc, N) -> (batch, G, N, S)."""
-        m = m.permute(1, 2, 4, 3, 0).reshape(self.batch, self.groups, self.d_state, self.padded_len)
-        return m[..., : self.seg_len]
+@contextlib.contextmanager
+def _scan_threads(device: torch.device):
+    """Run the block with the intra-op thread count chosen for the CPU scan, then restore it."""
+    wanted = _cpu_scan_threads() if device.type == "cpu" else None
+    previous = torch.get_num_threads()
+    if wanted is None or wanted == previous:
+        yield
+        return
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class _ScanProblem:
-    """The inputs of one scan call plus derived sizes; produces per-segment tensors in the chunked layout."""
+    """Inputs of one scan call, derived sizes, and conversions to/from the chunked token-major layout.
 
-    def __init__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_len, segment_len):
-        self.u, self.delta, self.A, self.B, self.C = u, delta, A, B, C
+    Layouts: per-channel tensors ``(T, batch, G, nc, 1, Dg)``; states ``(T, batch, G, nc, N, Dg)``;
+    input-dependent B/C ``(T, batch, G, nc, N, 1)``; constant B/C, A: ``(G, 1, N, Dg)``.
+    """
+
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool,
+                 chunk_len: Optional[int], chunks_per_segment: Optional[int]):
+        self.u, self.delta, self.B, self.C = u, delta, B, C
         self.D, self.z, self.delta_bias, self.delta_softplus = D, z, delta_bias, delta_softplus
+        self.device = u.device
         self.cdt = compute_dtype_for(u, delta, A, B, C, D, z, delta_bias)
         self.batch, self.dim, self.length = u.shape
         self.d_state = A.shape[1]
         self.variable_B, self.variable_C = B.dim() == 4, C.dim() == 4
         self.groups = B.shape[1] if self.variable_B else (C.shape[1] if self.variable_C else 1)
         self.dg = self.dim // self.groups
-        self.chunk_len = max(1, int(chunk_len))
-        self.segment_len = max(self.chunk_len, int(segment_len) // self.chunk_len * self.chunk_len)
-        self.A_c = A.to(self.cdt).reshape(self.groups, 1, self.dg, self.d_state)  # broadcasts on (.., G, nc, Dg, N)
+        length = max(self.length, 1)
+        if chunks_per_segment is None:
+            chunks_per_segment = (DEFAULT_CHUNKS_PER_SEGMENT_CUDA if self.device.type == "cuda"
+                                  else DEFAULT_CHUNKS_PER_SEGMENT_CPU)
+        self.T = max(1, min(int(chunk_len or DEFAULT_CHUNK_LEN), length))
+        self.nc = max(1, min(int(chunks_per_segment), -(-length // self.T)))
+        self.S = self.T * self.nc
+        self.n_segments = -(-self.length // self.S)
+        self.exp_floor = _EXP_FLOOR[self.cdt]
+        self.A_t = self._per_state(A)
+        self.A_absmax = float(A.detach().abs().max()) if A.numel() else 0.0
+        self.D_c = D.to(self.cdt)[:, None] if D is not None else None
+        self.B_const = None if self.variable_B else self._per_state(B)
+        self.C_const = None if self.variable_C else self._per_state(C)
 
-    def segments(self) -> List[Tuple[int, int]]:
-        return [(s, min(s + self.segment_len, self.length)) for s in range(0, self.length, self.segment_len)]
+    # ---- layout conversions -------------------------------------------------------------------------
+    def _per_state(self, M: torch.Tensor) -> torch.Tensor:
+        """(dim, N) -> (G, 1, N, Dg) in the compute dtype."""
+        return M.to(self.cdt).reshape(self.groups, self.dg, self.d_state).transpose(1, 2).unsqueeze(1).contiguous()
 
-    def layout(self, s0: int, s1: int) -> _Layout:
-        return _Layout(self.batch, self.dim, self.groups, self.d_state, self.chunk_len, s1 - s0)
+    def _from_per_state(self, x: torch.Tensor) -> torch.Tensor:
+        """(G, N, Dg) -> (dim, N)."""
+        return x.transpose(1, 2).reshape(self.dim, self.d_state)
 
-    def delta_pre_activation(self, s0: int, s1: int) -> torch.Tensor:
-        """delta + delta_bias on a segment, (batch, dim, S), compute dtype."""
-        d = self.delta[..., s0:s1].to(self.cdt)
+    def segment_bounds(self, k: int) -> Tuple[int, int]:
+        return k * self.S, min((k + 1) * self.S, self.length)
+
+    def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, dim, S') -> contiguous (T, batch, G, nc, 1, Dg), zero padded to S tokens."""
+        x = F.pad(x, (0, self.S - x.shape[-1]))
+        x = x.reshape(self.batch, self.groups, self.dg, self.nc, self.T)
+        return x.permute(4, 0, 1, 3, 2).unsqueeze(-2).contiguous()
+
+    def from_tokens(self, x: torch.Tensor, valid: int) -> torch.Tensor:
+        """(T, batch, G, nc, 1, Dg) -> (batch, dim, valid)."""
+        x = x.squeeze(-2).permute(1, 2, 4, 3, 0).reshape(self.batch, self.dim, self.S)
+        return x[..., :valid]
+
+    def state_to_tokens(self, M: torch.Tensor) -> torch.Tensor:
+        """Input-dependent B or C (batch, G, N, S') -> contiguous (T, batch, G, nc, N, 1)."""
+        M = F.pad(M, (0, self.S - M.shape[-1]))
+        M = M.reshape(self.batch, self.groups, self.d_state, self.nc, self.T)
+        return M.permute(4, 0, 1, 3, 2).unsqueeze(-1).contiguous()
+
+    def state_from_tokens(self, x: torch.Tensor, valid: int) -> torch.Tensor:
+        """(T, batch, G, nc, N, 1) -> (batch, G, N, valid)."""
+        x = x.squeeze(-1).permute(1, 2, 4, 3, 0).reshape(self.batch, self.groups, self.d_state, self.S)
+        return x[..., :valid]
+
+    # ---- per-segment inputs -------------------------------------------------------------------------
+    def segment(self, k: int, with_u: bool = False) -> "_Segment":
+        s0, s1 = self.segment_bounds(k)
+        pre = self.delta[..., s0:s1].to(self.cdt)
         if self.delta_bias is not None:
-            d = d + self.delta_bias.to(self.cdt)[:, None]
-        return d
+            pre = pre + self.delta_bias.to(self.cdt)[:, None]
+        dt = F.softplus(pre, threshold=SOFTPLUS_THRESHOLD) if self.delta_softplus else pre
+        u = self.u[..., s0:s1].to(self.cdt)
+        seg = _Segment(s0, s1)
+        seg.pre = pre
+        seg.u_flat = u
+        seg.dt = self.to_tokens(dt)
+        seg.u = self.to_tokens(u) if with_u else None
+        seg.du = self.to_tokens(dt * u)
+        seg.B = self.state_to_tokens(self.B[..., s0:s1].to(self.cdt)) if self.variable_B else None
+        seg.C = self.state_to_tokens(self.C[..., s0:s1].to(self.cdt)) if self.variable_C else None
+        seg.needs_exp_floor = bool(dt.numel()) and float(dt.max()) * self.A_absmax > -self.exp_floor
+        return seg
 
-    def dt(self, pre: torch.Tensor) -> torch.Tensor:
-        return F.softplus(pre, threshold=SOFTPLUS_THRESHOLD) if self.delta_softplus else pre
 
-    def state_matrix(self, M: torch.Tensor, variable: bool, lay: _Layout, s0: int, s1: int) -> torch.Tensor:
-        """B or C broadcastable against (T, batch, G, nc, Dg, N): (T, batch, G, nc, 1, N) when input
-        dependent, (G, 1, Dg, N) when constant."""
-        if variable:
-            return lay.tokens_in(M[..., s0:s1].to(self.cdt)).unsqueeze(-2)
-        return M.to(self.cdt).reshape(self.groups, 1, self.dg, self.d_state)
+class _Segment:
+    """Per-segment inputs in the token-major layout (see :class:`_ScanProblem`)."""
+
+    def __init__(self, s0: int, s1: int):
+        self.s0, self.s1 = s0, s1
+        self.pre = self.u_flat = self.dt = self.u = self.du = self.B = self.C = None
+        self.needs_exp_floor = False
 
 
-def _local_scan_and_fixup(dt_l, beta_a_buffers, A_c, h0):
-    """Scan every chunk from zero, carry states across chunks, fix up.
+class _Workspace:
+    """Reusable buffers for one (T, nc) geometry, with per-position views prepared once."""
 
-    dt_l: (T, batch, G, nc, Dg); beta_a_buffers: (H, a) with H holding beta on entry and a holding
-    exp(dt * A), both (T, batch, G, nc, Dg, N); h0: (batch, G, Dg, N) state entering the segment.
-    On return H holds the true states h_t. Returns (h_in (batch, G, nc, Dg, N) state entering each chunk,
-    chunk_decay (batch, G, nc, Dg, N) product of a over each chunk, h_end (batch, G, Dg, N)).
-    """
-    H, a = beta_a_buffers
-    T = H.shape[0]
-    for t in range(1, T):
-        H[t].addcmul_(a[t], H[t - 1])
-    # cumulative decay inside each chunk, exp(A * cumsum(dt)) in [0, 1]
-    P = torch.mul(torch.cumsum(dt_l, dim=0).unsqueeze(-1), A_c)
-    P.exp_()
-    chunk_decay = P[T - 1].clone()
-    local_end = H[T - 1]
-    n_chunks = H.shape[3]
-    h_in = torch.empty_like(chunk_decay)
+    def __init__(self, prob: _ScanProblem, with_states: bool):
+        T, bgn = prob.T, prob.batch * prob.groups * prob.nc
+        slice_shape = (prob.batch, prob.groups, prob.nc, prob.d_state, prob.dg)
+        opts = dict(dtype=prob.cdt, device=prob.device)
+        self.slice_shape = slice_shape
+        self.a = torch.empty((T,) + slice_shape, **opts)
+        self.beta = torch.empty((T,) + slice_shape, **opts)  # beta in the forward, lambda in the backward
+        self.a_t, self.beta_t = self.a.unbind(0), self.beta.unbind(0)
+        self.beta3_t = self.beta.view(T, bgn, prob.d_state, prob.dg).unbind(0)
+        if with_states:  # all true states h_t of the segment (backward pass)
+            self.H = torch.empty((T,) + slice_shape, **opts)
+            self.H_t = self.H.unbind(0)
+            self.H3_t = self.H.view(T, bgn, prob.d_state, prob.dg).unbind(0)
+        self.h_run = torch.empty(slice_shape, **opts)
+        self.h_run3 = self.h_run.view(bgn, prob.d_state, prob.dg)
+        self.h_loc = torch.empty(slice_shape, **opts)
+        self.h_in = torch.empty(slice_shape, **opts)
+        self.dec = torch.empty(slice_shape, **opts)
+        self.tmp = torch.empty(slice_shape, **opts)
+        self.h_loc_c, self.h_in_c, self.dec_c = self.h_loc.unbind(2), self.h_in.unbind(2), self.dec.unbind(2)
+        self.y = torch.empty(T, prob.batch, prob.groups, prob.nc, 1, prob.dg, **opts)
+        self.y_t = self.y.unbind(0)
+        self.y3_t = self.y.view(T, bgn, 1, prob.dg).unbind(0)
+
+
+def _contract_C(prob: _ScanProblem, ws: _Workspace, seg: _Segment, t: int, h: torch.Tensor,
+                h3: torch.Tensor) -> None:
+    """ws.y[t] = sum_n C_t[n] h[n] for the state slice h (batch, G, nc, N, Dg)."""
+    if prob.variable_C:
+        c_row = seg.C[t].view(-1, 1, prob.d_state)  # (batch*G*nc, 1, N)
+        torch.bmm(c_row, h3, out=ws.y3_t[t])
+    else:
+        torch.mul(h, prob.C_const, out=ws.tmp)
+        torch.sum(ws.tmp, dim=-2, keepdim=True, out=ws.y_t[t])
+
+
+def _scan_segment(prob: _ScanProblem, ws: _Workspace, seg: _Segment, h0: torch.Tensor,
+                  keep_states: bool, need_y: bool) -> torch.Tensor:
+    """Run one segment from state h0 (batch, G, N, Dg). Leaves a, beta (and all states when
+    ``keep_states``, y when ``need_y``) in the workspace; returns the state after the segment."""
+    T = prob.T
+    a_t, beta_t = ws.a_t, ws.beta_t
+    dt_t, du_t = seg.dt.unbind(0), seg.du.unbind(0)
+    B_t = seg.B.unbind(0) if prob.variable_B else None
+    floor = prob.exp_floor if seg.needs_exp_floor else None
+    # 1. every chunk from a zero state
+    for t in range(T):
+        torch.mul(dt_t[t], prob.A_t, out=a_t[t])
+        if floor is not None:
+            a_t[t].clamp_(min=floor)
+        a_t[t].exp_()
+        torch.mul(du_t[t], B_t[t] if prob.variable_B else prob.B_const, out=beta_t[t])
+        if t == 0:
+            ws.h_loc.copy_(beta_t[0])
+        else:
+            torch.addcmul(beta_t[t], a_t[t], ws.h_loc, out=ws.h_loc)
+    # 2. carry the true state across chunks; decay over a chunk = exp(A * sum(dt))
+    torch.mul(seg.dt.sum(0), prob.A_t, out=ws.dec)
+    ws.dec.clamp_(min=prob.exp_floor).exp_()
     h = h0
-    for c in range(n_chunks):
-        h_in[:, :, c] = h
-        h = torch.addcmul(local_end[:, :, c], chunk_decay[:, :, c], h)
-    H.addcmul_(P, h_in.unsqueeze(0))
-    return h_in, chunk_decay, h
+    for c in range(prob.nc):
+        ws.h_in_c[c].copy_(h)
+        h = torch.addcmul(ws.h_loc_c[c], ws.dec_c[c], h)
+    # 3. the recurrence again from the true chunk states
+    prev = ws.h_in
+    for t in range(T):
+        if keep_states:
+            cur, cur3 = ws.H_t[t], ws.H3_t[t]
+        else:
+            cur, cur3 = ws.h_run, ws.h_run3
+        torch.addcmul(beta_t[t], a_t[t], prev, out=cur)
+        if need_y:
+            _contract_C(prob, ws, seg, t, cur, cur3)
+        prev = cur
+    return h
 
 
-def _contract_C(H: torch.Tensor, C_l: torch.Tensor, variable_C: bool) -> torch.Tensor:
-    """y = sum_n C[n] * H[.., n]: (T, batch, G, nc, Dg, N) -> (T, batch, G, nc, Dg)."""
-    if variable_C:
-        # C_l: (T, batch, G, nc, 1, N) -> matrix-vector products per token
-        return torch.matmul(H, C_l.transpose(-1, -2)).squeeze(-1)
-    return (H * C_l).sum(-1)
+def _add_skip(prob: _ScanProblem, y: torch.Tensor, seg: _Segment) -> torch.Tensor:
+    """y + D u on a segment, (batch, dim, S')."""
+    return y + prob.D_c * seg.u_flat if prob.D_c is not None else y
 
 
-def _segment_forward(prob: _ScanProblem, s0: int, s1: int, h0: torch.Tensor):
-    """Forward of one segment. Returns y (batch, dim, S) without the D and z terms, h_end, and the
-    intermediate tensors needed by the backward pass."""
-    lay = prob.layout(s0, s1)
-    pre = prob.delta_pre_activation(s0, s1)
-    dt_l = lay.channels_in(prob.dt(pre))
-    u_l = lay.channels_in(prob.u[..., s0:s1].to(prob.cdt))
-    B_l = prob.state_matrix(prob.B, prob.variable_B, lay, s0, s1)
-    C_l = prob.state_matrix(prob.C, prob.variable_C, lay, s0, s1)
-    a = torch.empty(lay.state_shape, dtype=prob.cdt, device=prob.u.device)
-    torch.mul(dt_l.unsqueeze(-1), prob.A_c, out=a)
-    a.exp_()
-    H = torch.empty_like(a)
-    torch.mul((dt_l * u_l).unsqueeze(-1), B_l, out=H)
-    h_in, chunk_decay, h_end = _local_scan_and_fixup(dt_l, (H, a), prob.A_c, h0)
-    y_l = _contract_C(H, C_l, prob.variable_C)
-    saved = dict(lay=lay, pre=pre, dt_l=dt_l, u_l=u_l, B_l=B_l, C_l=C_l, a=a, H=H, h_in=h_in,
-                 chunk_decay=chunk_decay)
-    return lay.channels_out(y_l), h_end, saved
-
-
-def _gate(prob: _ScanProblem, y: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
-    """out = (y + D * u) * silu(z) on a segment (compute dtype)."""
-    if prob.D is not None:
-        y = y + prob.D.to(prob.cdt)[:, None] * prob.u[..., s0:s1].to(prob.cdt)
+def _gate_forward(prob: _ScanProblem, y: torch.Tensor, seg: _Segment) -> torch.Tensor:
+    """out = (y + D u) * silu(z) on a segment, (batch, dim, S')."""
+    y = _add_skip(prob, y, seg)
     if prob.z is not None:
-        y = y * F.silu(prob.z[..., s0:s1].to(prob.cdt))
+        y = y * F.silu(prob.z[..., seg.s0:seg.s1].to(prob.cdt))
     return y
 
 
-class SelectiveScanChunked(torch.autograd.Function):
-    """autograd Function over the chunked scan; see the module docstring."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                chunk_len, segment_len):
-        with torch.autocast(device_type=u.device.type, enabled=False):
-            prob = _ScanProblem(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_len, segment_len)
-            out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-            h = torch.zeros(prob.batch, prob.groups, prob.dg, prob.d_state, dtype=prob.cdt, device=u.device)
-            starts = []
-            for s0, s1 in prob.segments():
-                starts.append(h)
-                y, h, _ = _segment_forward(prob, s0, s1, h)
-                out[..., s0:s1] = _gate(prob, y, s0, s1)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, *starts)
-        ctx.n_starts = len(starts)
-        ctx.settings = (delta_softplus, chunk_len, segment_len)
-        ctx.mark_non_differentiable(h)
-        last_state = h.reshape(prob.batch, prob.dim, prob.d_state)
-        return out, last_state
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_last_state):  # grad of the last state is not propagated
-        u, delta, A, B, C, D, z, delta_bias, *starts = ctx.saved_tensors
-        delta_softplus, chunk_len, segment_len = ctx.settings
-        with torch.autocast(device_type=u.device.type, enabled=False):
-            prob = _ScanProblem(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_len, segment_len)
-            grads = _backward(prob, grad_out, starts, ctx.needs_input_grad)
-        return grads + (None, None, None, None)
+def _forward(prob: _ScanProblem, out: torch.Tensor):
+    """Fill ``out`` (batch, dim, L); return (segment start states, last state (batch, G, N, Dg))."""
+    h = torch.zeros(prob.batch, prob.groups, prob.d_state, prob.dg, dtype=prob.cdt, device=prob.device)
+    starts = []
+    ws = _Workspace(prob, with_states=False) if prob.n_segments else None
+    for k in range(prob.n_segments):
+        seg = prob.segment(k)
+        starts.append(h)
+        h = _scan_segment(prob, ws, seg, h, keep_states=False, need_y=True)
+        y = prob.from_tokens(ws.y, seg.s1 - seg.s0)
+        out[..., seg.s0:seg.s1] = _gate_forward(prob, y, seg)
+    return starts, h
 
 
-def _backward(prob: _ScanProblem, grad_out: torch.Tensor, starts, needs) -> Tuple:
-    cdt, dev = prob.cdt, prob.u.device
-    du = torch.empty(prob.u.shape, dtype=cdt, device=dev)
-    ddelta = torch.empty(prob.delta.shape, dtype=cdt, device=dev)
-    dz = torch.empty(prob.z.shape, dtype=cdt, device=dev) if prob.z is not None else None
-    dA = torch.zeros(prob.groups, 1, prob.dg, prob.d_state, dtype=cdt, device=dev)
-    dB = torch.zeros(prob.B.shape, dtype=cdt, device=dev)
-    dC = torch.zeros(prob.C.shape, dtype=cdt, device=dev)
-    dD = torch.zeros(prob.dim, dtype=cdt, device=dev) if prob.D is not None else None
-    ddelta_bias = torch.zeros(prob.dim, dtype=cdt, device=dev) if prob.delta_bias is not None else None
-    # adjoint carried from the following segment: a_{t0} * lambda_{t0} at its first token
-    g_next = torch.zeros(prob.batch, prob.groups, prob.dg, prob.d_state, dtype=cdt, device=dev)
-    for (s0, s1), h0 in reversed(list(zip(prob.segments(), starts))):
-        y, _, sv = _segment_forward(prob, s0, s1, h0)
-        lay: _Layout = sv["lay"]
+def _backward(prob: _ScanProblem, grad_out: torch.Tensor, starts) -> Tuple:
+    cdt, dev = prob.cdt, prob.device
+    opts = dict(dtype=cdt, device=dev)
+    du = torch.empty(prob.u.shape, **opts)
+    ddelta = torch.empty(prob.delta.shape, **opts)
+    dz = torch.empty(prob.z.shape, **opts) if prob.z is not None else None
+    dD = torch.zeros(prob.dim, **opts) if prob.D is not None else None
+    ddelta_bias = torch.zeros(prob.dim, **opts) if prob.delta_bias is not None else None
+    dB = torch.empty(prob.B.shape, **opts) if prob.variable_B else None
+    dC = torch.empty(prob.C.shape, **opts) if prob.variable_C else None
+    if prob.n_segments == 0:
+        zeros = torch.zeros(prob.dim, prob.d_state, **opts)
+        return (du, ddelta, zeros, dB if dB is not None else zeros, dC if dC is not None else zeros,
+                dD, dz, ddelta_bias)
+    ws = _Workspace(prob, with_states=True)
+    T, nc, bgn, N, Dg = prob.T, prob.nc, prob.batch * prob.groups * prob.nc, prob.d_state, prob.dg
+    acc_A = torch.zeros(ws.slice_shape, **opts)  # sum over t of lambda * a * h_prev * dt
+    acc_B = None if prob.variable_B else torch.zeros(ws.slice_shape, **opts)
+    acc_C = None if prob.variable_C else torch.zeros(ws.slice_shape, **opts)
+    w = torch.empty(ws.slice_shape, **opts)
+    lam_loc = torch.empty(ws.slice_shape, **opts)
+    carry = torch.empty(ws.slice_shape, **opts)
+    first_w = torch.empty(ws.slice_shape, **opts)
+    carry_c, first_w_c = carry.unbind(2), first_w.unbind(2)
+    chan_shape = (T, prob.batch, prob.groups, nc, 1, Dg)
+    ddt_s = torch.empty(chan_shape, **opts)
+    du_s = torch.empty(chan_shape, **opts)
+    lamB = torch.empty(chan_shape[1:], **opts)
+    lamB3 = lamB.view(bgn, 1, Dg)
+    ddt_t, du_st = ddt_s.unbind(0), du_s.unbind(0)
+    dB_s = torch.empty(T, prob.batch, prob.groups, nc, N, 1, **opts) if prob.variable_B else None
+    dC_s = torch.empty(T, prob.batch, prob.groups, nc, N, 1, **opts) if prob.variable_C else None
+    a_t, lam_t, lam3_t, H_t, H3_t = ws.a_t, ws.beta_t, ws.beta3_t, ws.H_t, ws.H3_t
+    g_next = torch.zeros(prob.batch, prob.groups, N, Dg, **opts)  # a * lambda at the next segment's start
+
+    for k in reversed(range(prob.n_segments)):
+        seg = prob.segment(k, with_u=True)
+        s0, s1 = seg.s0, seg.s1
+        _scan_segment(prob, ws, seg, starts[k], keep_states=True, need_y=prob.z is not None)
         g = grad_out[..., s0:s1].to(cdt)
-        u_seg = prob.u[..., s0:s1].to(cdt)
         # out = (y + D u) * silu(z)
-        if prob.D is not None:
-            y_total = y + prob.D.to(cdt)[:, None] * u_seg
-        else:
-            y_total = y
         if prob.z is not None:
+            y_total = _add_skip(prob, prob.from_tokens(ws.y, s1 - s0), seg)
             z_seg = prob.z[..., s0:s1].to(cdt)
             sig = torch.sigmoid(z_seg)
             dz[..., s0:s1] = g * y_total * sig * (1 + z_seg * (1 - sig))
             dy = g * (z_seg * sig)
         else:
             dy = g
-        du_seg = torch.zeros_like(u_seg)
+        du_direct = None
         if prob.D is not None:
-            dD += (dy * u_seg).sum(dim=(0, 2))
-            du_seg += dy * prob.D.to(cdt)[:, None]
-        dy_l = lay.channels_in(dy)
-        a, H, h_in = sv["a"], sv["H"], sv["h_in"]
-        dt_l, u_l, B_l, C_l = sv["dt_l"], sv["u_l"], sv["B_l"], sv["C_l"]
-        T = lay.chunk_len
-        # local adjoint of every chunk from a zero end state
-        lam = torch.empty_like(a)
-        torch.mul(dy_l.unsqueeze(-1), C_l, out=lam)
-        for t in range(T - 2, -1, -1):
-            lam[t].addcmul_(a[t + 1], lam[t + 1])
-        # carry across chunks (backwards); g_c = a_{first of chunk c+1} * lambda_{first of chunk c+1}
-        carry = torch.empty_like(h_in)
+            dD += (dy * seg.u_flat).sum(dim=(0, 2))
+            du_direct = dy * prob.D_c
+        dy_s = prob.to_tokens(dy)
+        dy_t = dy_s.unbind(0)
+        dy3_t = dy_s.view(T, bgn, 1, Dg).unbind(0)  # (batch*G*nc, 1, Dg) rows
+        C_t = seg.C.unbind(0) if prob.variable_C else None
+        B_t = seg.B.unbind(0) if prob.variable_B else None
+        B3_t = seg.B.view(T, bgn, 1, N).unbind(0) if prob.variable_B else None
+        dt_t, u_t = seg.dt.unbind(0), seg.u.unbind(0)
+        du3_t = seg.du.view(T, bgn, 1, Dg).unbind(0)
+        # local adjoint of every chunk from a zero end state; lambda is stored where beta was
+        for t in reversed(range(T)):
+            torch.mul(dy_t[t], C_t[t] if prob.variable_C else prob.C_const, out=lam_t[t])
+            if t == T - 1:
+                lam_loc.copy_(lam_t[t])
+            else:
+                torch.addcmul(lam_t[t], a_t[t + 1], lam_loc, out=lam_loc)
+        # carry across chunks (backwards): g_c = a * lambda at the first token of chunk c+1
+        torch.mul(a_t[0], lam_loc, out=first_w)
         gc = g_next
-        first_weighted = a[0] * lam[0]
-        for c in range(lay.n_chunks - 1, -1, -1):
-            carry[:, :, c] = gc
-            gc = torch.addcmul(first_weighted[:, :, c], sv["chunk_decay"][:, :, c], gc)
+        for c in reversed(range(nc)):
+            carry_c[c].copy_(gc)
+            gc = torch.addcmul(first_w_c[c], ws.dec_c[c], gc)
         g_next = gc
-        # decay after t inside the chunk: exp(A * (sum of dt over tokens t+1..T-1)) in [0, 1]
-        dt_after = torch.flip(torch.cumsum(torch.flip(dt_l, [0]), dim=0), [0]) - dt_l
-        Q = torch.mul(dt_after.unsqueeze(-1), prob.A_c)
-        Q.exp_()
-        lam.addcmul_(Q, carry.unsqueeze(0))
-        del Q
-        # W_t = lambda_t * a_t * h_{t-1}: gradient of the decay term
-        W = torch.empty_like(a)
-        W[0] = h_in
-        W[1:] = H[:-1]
-        W.mul_(a).mul_(lam)
-        ddt_l = (W * prob.A_c).sum(-1)
-        W.mul_(dt_l.unsqueeze(-1))
-        dA += W.sum(dim=(0, 1, 3)).unsqueeze(1)
-        del W
-        dtu_l = dt_l * u_l
-        if prob.variable_B:
-            lamB = torch.matmul(lam, B_l.transpose(-1, -2)).squeeze(-1)
-            dB_l = torch.matmul(dtu_l.unsqueeze(-2), lam).squeeze(-2)
-            dB[..., s0:s1] = lay.tokens_out(dB_l)
-        else:
-            lamB = (lam * B_l).sum(-1)
-            dB += (lam * dtu_l.unsqueeze(-1)).sum(dim=(0, 1, 3)).reshape(prob.dim, prob.d_state)
-        ddt_l += u_l * lamB
-        du_l = dt_l * lamB
-        if prob.variable_C:
-            dC_l = torch.matmul(dy_l.unsqueeze(-2), H).squeeze(-2)
-            dC[..., s0:s1] = lay.tokens_out(dC_l)
-        else:
-            dC += (H * dy_l.unsqueeze(-1)).sum(dim=(0, 1, 3)).reshape(prob.dim, prob.d_state)
-        du[..., s0:s1] = du_seg + lay.channels_out(du_l)
-        ddt = lay.channels_out(ddt_l)
+        # true adjoint, then all gradients at position t while its slices are in cache
+        lam_t[T - 1].add_(carry)
+        for t in reversed(range(T)):
+            lam = lam_t[t]
+            if t < T - 1:
+                lam.addcmul_(a_t[t + 1], lam_t[t + 1])
+            h_prev = ws.h_in if t == 0 else H_t[t - 1]
+            torch.mul(lam, a_t[t], out=w)
+            w.mul_(h_prev)                      # lambda_t * a_t * h_{t-1}
+            acc_A.addcmul_(w, dt_t[t])
+            w.mul_(prob.A_t)
+            torch.sum(w, dim=-2, keepdim=True, out=ddt_t[t])
+            if prob.variable_B:
+                torch.bmm(B3_t[t], lam3_t[t], out=lamB3)       # sum_n lambda B
+                # sum_d dt u lambda, as row @ matrix^T (much faster than matrix @ column in MKL)
+                torch.bmm(du3_t[t], lam3_t[t].transpose(-1, -2), out=dB_s[t].view(bgn, 1, N))
+            else:
+                torch.mul(lam, prob.B_const, out=w)
+                torch.sum(w, dim=-2, keepdim=True, out=lamB)
+                acc_B.addcmul_(lam, seg.du[t])
+            ddt_t[t].addcmul_(u_t[t], lamB)
+            torch.mul(dt_t[t], lamB, out=du_st[t])
+            if prob.variable_C:
+                torch.bmm(dy3_t[t], H3_t[t].transpose(-1, -2), out=dC_s[t].view(bgn, 1, N))  # sum_d dy h
+            else:
+                acc_C.addcmul_(H_t[t], dy_t[t])
+        valid = s1 - s0
+        du_seg = prob.from_tokens(du_s, valid)
+        du[..., s0:s1] = du_seg if du_direct is None else du_seg + du_direct
+        ddt = prob.from_tokens(ddt_s, valid)
         if prob.delta_softplus:
-            pre = sv["pre"]
-            ddt = torch.where(pre > SOFTPLUS_THRESHOLD, ddt, ddt * torch.sigmoid(pre))
+            ddt = torch.where(seg.pre > SOFTPLUS_THRESHOLD, ddt, ddt * torch.sigmoid(seg.pre))
         ddelta[..., s0:s1] = ddt
         if ddelta_bias is not None:
             ddelta_bias += ddt.sum(dim=(0, 2))
+        if prob.variable_B:
+            dB[..., s0:s1] = prob.state_from_tokens(dB_s, valid)
+        if prob.variable_C:
+            dC[..., s0:s1] = prob.state_from_tokens(dC_s, valid)
 
-    def cast(grad, like):
-        return None if grad is None or like is None else grad.to(like.dtype)
+    dA = prob._from_per_state(acc_A.sum(dim=(0, 2)))
+    if not prob.variable_B:
+        dB = prob._from_per_state(acc_B.sum(dim=(0, 2)))
+    if not prob.variable_C:
+        dC = prob._from_per_state(acc_C.sum(dim=(0, 2)))
+    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias
 
-    dA = dA.reshape(prob.dim, prob.d_state)
-    return (cast(du, prob.u), cast(ddelta, prob.delta), cast(dA, prob.A), cast(dB, prob.B),
-            cast(dC, prob.C), cast(dD, prob.D), cast(dz, prob.z), cast(ddelta_bias, prob.delta_bias))
+
+class SelectiveScanChunked(torch.autograd.Function):
+    """autograd Function over the chunked scan; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_len, chunks_per_segment):
+        with torch.autocast(device_type=u.device.type, enabled=False), _scan_threads(u.device):
+            prob = _ScanProblem(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_len,
+                                chunks_per_segment)
+            out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+            starts, h = _forward(prob, out)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, *starts)
+        ctx.settings = (delta_softplus, chunk_len, chunks_per_segment)
+        last_state = h.transpose(-1, -2).reshape(prob.batch, prob.dim, prob.d_state)
+        ctx.mark_non_differentiable(last_state)
+        return out, last_state
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_last_state):  # the last state's gradient is not propagated
+        u, delta, A, B, C, D, z, delta_bias, *starts = ctx.saved_tensors
+        delta_softplus, chunk_len, chunks_per_segment = ctx.settings
+        with torch.autocast(device_type=u.device.type, enabled=False), _scan_threads(u.device):
+            prob = _ScanProblem(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_len,
+                                chunks_per_segment)
+            grads = _backward(prob, grad_out, starts)
+        inputs = (u, delta, A, B, C, D, z, delta_bias)
+        cast = tuple(None if (g is None or not need) else g.to(x.dtype)
+                     for g, x, need in zip(grads, inputs, ctx.needs_input_grad))
+        return cast + (None, None, None)
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                           return_last_state=False, chunk_len: int = DEFAULT_CHUNK_LEN,
-                           segment_len: int = DEFAULT_SEGMENT_LEN):
+                           return_last_state=False, chunk_len: Optional[int] = None,
+                           chunks_per_segment: Optional[int] = None):
     """Chunked PyTorch selective scan (differentiable, memory bounded); arguments as ``selective_scan_fn``.
 
+    ``chunk_len`` (tokens per chunk) and ``chunks_per_segment`` tune speed/memory (defaults per device).
     Returns out (batch, dim, L) in u's dtype, and with ``return_last_state`` also the last state
     (batch, dim, N) in the compute dtype (float32, or float64 for float64 inputs).
     """
     out, last_state = SelectiveScanChunked.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                                 bool(return_last_state), chunk_len, segment_len)
+                                                 chunk_len, chunks_per_segment)
     return (out, last_state) if return_last_state else out
