@@ -22,6 +22,10 @@ TRI_ORIENTATED = "v3"  # the published flag value for the forward + reverse + th
 DIRECTION_SUFFIXES = ("", "_b", "_s")  # forward, reverse, through-slice (names in the state dict)
 
 
+def _at_least_float32(p: torch.Tensor) -> torch.Tensor:
+    return p.to(torch.promote_types(p.dtype, torch.float32))
+
+
 class DirectionParams(NamedTuple):
     """The parameters of one scan direction."""
     conv1d: nn.Conv1d
@@ -128,12 +132,15 @@ class Mamba(nn.Module):
         return legacy_grid(length, self.nslices)
 
     def _scan_direction(self, xz_perm: torch.Tensor, params: DirectionParams) -> torch.Tensor:
-        """One scan direction on tokens already in its order: xz_perm (B, 2*d_inner, L) -> (B, d_inner, L)."""
-        A = -torch.exp(params.A_log.float())
-        delta_bias = params.dt_proj.bias.float() if params.dt_proj.bias is not None else None
+        """One scan direction on tokens already in its order: xz_perm (B, 2*d_inner, L) -> (B, d_inner, L).
+        A, D and the dt bias enter the scan in float32 (float64 if the module is float64)."""
+        A = -torch.exp(_at_least_float32(params.A_log))
+        bias = params.dt_proj.bias
+        delta_bias = _at_least_float32(bias) if bias is not None else None
         return mamba_inner_fn_no_out_proj(xz_perm, params.conv1d.weight, params.conv1d.bias,
                                           params.x_proj.weight, params.dt_proj.weight, A,
-                                          D=params.D.float(), delta_bias=delta_bias, delta_softplus=True)
+                                          D=_at_least_float32(params.D), delta_bias=delta_bias,
+                                          delta_softplus=True)
 
     def forward(self, hidden_states: torch.Tensor, grid: Optional[Sequence[int]] = None) -> torch.Tensor:
         """hidden_states (B, L, d_model) -> (B, L, d_model); ``grid`` = (D, H, W) with D*H*W == L."""
