@@ -14,6 +14,7 @@ key                 content
 ``global_step``     optimiser iterations done so far
 ``config``          the trainer configuration (plain types)
 ``model_config``    keyword arguments that rebuild the model (plain types), may be empty
+``run_settings``    the training script's settings (patch size, paths...; plain types), may be empty
 ``metrics``         the latest validation metrics; ``best_metric`` / ``best_epoch`` the selection state
 ``history``         per-epoch lists used by ``progress.png``
 ``rng``             python / numpy / torch (CPU and CUDA) generator states

@@ -139,6 +139,12 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+def barrier(context: DistributedContext) -> None:
+    """Wait for every rank (no-op without DDP)."""
+    if context.is_distributed:
+        dist.barrier()
+
+
 def all_gather_objects(item: Any, context: DistributedContext) -> List[Any]:
     """Every rank's ``item`` (picklable, small) in rank order; ``[item]`` without DDP."""
     if not context.is_distributed:

@@ -214,13 +214,16 @@ class Trainer:
         validator: whole-volume validator (or ``None``: no validation, no ``best_model.pt``).
         context: device / rank / world size from :func:`light_training.distributed.setup_distributed`.
         model_config: plain keyword arguments that rebuild the model (stored in checkpoints for prediction).
+        run_settings: plain-typed settings of the calling script (patch size, data paths...) kept in the
+            checkpoint for provenance and for the prediction script's defaults.
     """
 
     def __init__(self, model: torch.nn.Module, config: TrainerConfig,
                  train_data: Union[Iterable[Mapping[str, Any]], Callable[[int], Iterable[Mapping[str, Any]]]],
                  loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
                  validator: Optional[Validator] = None, context: Optional[DistributedContext] = None,
-                 model_config: Optional[Dict[str, Any]] = None) -> None:
+                 model_config: Optional[Dict[str, Any]] = None,
+                 run_settings: Optional[Dict[str, Any]] = None) -> None:
         self.config = config
         self.context = context or DistributedContext(device=torch.device("cpu"))
         self.device = self.context.device
@@ -231,6 +234,7 @@ class Trainer:
         self.loss_fn = loss_fn or SegmentationLoss("ce")
         self.validator = validator
         self.model_config = dict(model_config or {})
+        self.run_settings = dict(run_settings or {})
         self.logdir = Path(config.logdir)
         self.model_dir = self.logdir / "model"
         self.logger = setup_logging(self.logdir, self.context.is_main_process, self.context.rank)
@@ -318,6 +322,7 @@ class Trainer:
             "global_step": self.global_step,
             "config": asdict(self.config),
             "model_config": self.model_config,
+            "run_settings": self.run_settings,
             "metrics": dict(self.last_metrics),
             "best_metric": float(self.best_metric),
             "best_epoch": self.best_epoch,
