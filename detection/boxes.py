@@ -269,3 +269,27 @@ def mask_to_boxes(mask: np.ndarray, connectivity: int = 6, min_voxels: int = 1
     vols_arr = np.asarray(vols, dtype=np.int64)
     order = np.lexsort((boxes_arr[:, 2], boxes_arr[:, 1], boxes_arr[:, 0]))
     return boxes_arr[order], vols_arr[order]
+
+
+def boxes_to_original_volume(boxes: BoxArray, shape_preprocessed_zyx: Sequence[int],
+                             shape_cropped_zyx: Sequence[int], crop_bbox_zyx: Sequence[Sequence[int]],
+                             shape_original_zyx: Sequence[int], fmt: str = INTERNAL_FORMAT) -> np.ndarray:
+    """Map boxes from the preprocessed grid back to voxel coordinates of the original (uncropped) volume.
+
+    The preprocessed grid is the crop ``crop_bbox_zyx`` (``[[z0, z1], [y0, y1], [x0, x1]]``, half-open) of the
+    original volume, resampled from ``shape_cropped_zyx`` to ``shape_preprocessed_zyx`` (identical when no
+    resampling happened). Coordinates are scaled per axis, shifted by the crop origin and clipped to the volume.
+
+    Returns:
+        float64 ``(N, 6)`` boxes in the *file* format ``[z1, y1, x1, z2, y2, x2]``.
+    """
+    t = _as_tensor(boxes).double().reshape(-1, 6)
+    lo, hi = lows_highs_xyz(t, fmt)  # (x, y, z) order
+    scale_xyz = torch.tensor([shape_cropped_zyx[2] / shape_preprocessed_zyx[2],
+                              shape_cropped_zyx[1] / shape_preprocessed_zyx[1],
+                              shape_cropped_zyx[0] / shape_preprocessed_zyx[0]], dtype=torch.float64)
+    offset_xyz = torch.tensor([crop_bbox_zyx[2][0], crop_bbox_zyx[1][0], crop_bbox_zyx[0][0]], dtype=torch.float64)
+    lo = lo * scale_xyz + offset_xyz
+    hi = hi * scale_xyz + offset_xyz
+    file_boxes = boxes_from_lows_highs_xyz(lo, hi, FILE_FORMAT)
+    return clip_boxes_to_shape(file_boxes, shape_original_zyx, FILE_FORMAT).numpy()

@@ -13,8 +13,9 @@ from torch import nn
 
 
 def group_norm_groups(channels: int, preferred: int = 32) -> int:
-    """Largest of ``preferred, preferred/2, …, 1`` that divides ``channels``."""
-    groups = preferred
+    """Largest of ``preferred, preferred/2, …, 1`` that divides ``channels`` and leaves at least two channels per
+    group (32 for the default 128 channels; a one-channel group on a 1³ map has nothing to normalise over)."""
+    groups = max(1, min(preferred, channels // 2))
     while groups > 1 and channels % groups != 0:
         groups //= 2
     return max(groups, 1)

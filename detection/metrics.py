@@ -248,13 +248,14 @@ def plot_froc(results: Sequence[FROCResult], path: str, title: str = "FROC") -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    largest_fp = max([float(r.fp_per_volume.max()) for r in results if r.fp_per_volume.size] + [10.0])
     for result in results:
         fp = np.maximum(result.fp_per_volume, 1e-3)
         ax.step(fp, result.sensitivity, where="post", label=f"IoU ≥ {result.iou_threshold:g} "
                 f"(score {result.score:.3f})")
         ax.plot(result.fp_rates, result.sensitivity_at_rates, "o", ms=4, color=ax.lines[-1].get_color())
     ax.set_xscale("log")
-    ax.set_xlim(0.1, 10)
+    ax.set_xlim(0.1, largest_fp * 1.2)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("average false positives per volume")
     ax.set_ylabel("lesion sensitivity")

@@ -36,7 +36,7 @@ from detection.fpn import FPN3D
 from detection.retina_head import Retina3DHead, flatten_level_outputs
 
 from .segmamba import SegMamba, check_input_size
-from .weights import extract_state_dict, read_checkpoint
+from .weights import extract_state_dict, load_model_weights, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -209,11 +209,10 @@ def load_pretrained_segmamba(model: SegMambaWithRetina, path: str) -> Pretrained
 def build_retina_from_checkpoint(checkpoint: Dict[str, object], source: str = "checkpoint",
                                  overrides: Optional[Dict[str, object]] = None) -> SegMambaWithRetina:
     """Rebuild SegMamba-Retina with the architecture stored in a training checkpoint (``model_config``) or the
-    defaults for a bare reference state dict, then load the weights strictly."""
-    from light_training.checkpoint import load_model_weights
-
+    defaults for a bare reference state dict, then load the weights strictly (a mismatch raises
+    :class:`~model_segmamba.weights.CheckpointMismatchError` listing the differences)."""
     config = dict(checkpoint.get("model_config") or {}) if isinstance(checkpoint, dict) else {}
     config.update(overrides or {})
     model = SegMambaWithRetina(**config)
-    load_model_weights(model, checkpoint, source=source)
+    load_model_weights(model, checkpoint, strict=True)
     return model
