@@ -87,7 +87,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& x, const at::Tensor& weight, const
   p.dw_part = part.data_ptr<float>();
   const cudaError_t err = causal_conv1d::backward(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "causal_conv1d backward kernel failed: ", cudaGetErrorString(err));
-  at::Tensor sums = part.sum({0, 1});
+  at::Tensor sums = part.sum(at::IntArrayRef({0, 1}));
   at::Tensor dweight = sums.narrow(1, 0, p.width).contiguous();
   at::Tensor dbias = bias.has_value() ? sums.select(1, p.width).contiguous() : at::Tensor();
   return {dx, dweight, dbias};

@@ -195,9 +195,9 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
   p.dD_part = dD_part.data_ptr<float>();
   p.dbias_part = dbias_part.data_ptr<float>();
   check_err(selective_scan::backward(p, at::cuda::getCurrentCUDAStream()), "backward");
-  at::Tensor dA = dA_part.sum({0, 1}).t().contiguous();
-  at::Tensor dD = D.has_value() ? dD_part.sum({0, 1}) : at::Tensor();
-  at::Tensor dbias = delta_bias.has_value() ? dbias_part.sum({0, 1}) : at::Tensor();
+  at::Tensor dA = dA_part.sum(at::IntArrayRef({0, 1})).t().contiguous();
+  at::Tensor dD = D.has_value() ? dD_part.sum(at::IntArrayRef({0, 1})) : at::Tensor();
+  at::Tensor dbias = delta_bias.has_value() ? dbias_part.sum(at::IntArrayRef({0, 1})) : at::Tensor();
   return {du, ddelta, dA, dB, dC, dD, dz, dbias};
 }
 
