@@ -319,6 +319,10 @@ def save_case(out_dir: str | os.PathLike, name: str, data: np.ndarray, seg: np.n
     props["name"] = name
     text = dumps_readable_json(props)
     os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(json_path):
+        # Overwriting: drop the old JSON first so a crash between the two writes leaves an incomplete case
+        # (redone on the next run), never a new .npz paired with old properties.
+        os.remove(json_path)
     with atomic_path(npz_path) as tmp:
         np.savez_compressed(tmp, **arrays)
     with atomic_path(json_path) as tmp:

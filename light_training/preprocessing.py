@@ -20,6 +20,7 @@ condenses the written properties (spacings, shapes, intensities).
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import math
@@ -384,7 +385,7 @@ def preprocess_cases(cases: Sequence[RawCase], out_dir: str | os.PathLike, confi
     config = config or PreprocessingConfig()
     out_dir = os.fspath(out_dir)
     names = [c.name for c in cases]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = sorted(n for n, count in collections.Counter(names).items() if count > 1)
     if duplicates:
         raise ValueError(f"case names occur more than once: {duplicates[:10]}")
     for case in cases:

@@ -215,6 +215,22 @@ def test_large_label_values_are_stored_without_overflow(tmp_path):
     assert load_case(npz_path)[1].max() == 300
 
 
+def test_overwriting_a_case_removes_the_old_properties_before_writing_new_arrays(tmp_path, monkeypatch):
+    save_case(tmp_path, "c", np.ones((1, 2, 2, 2)), None, {"version": 1})
+    # Simulate a crash right after the new .npz is in place: the old JSON must not survive next to it.
+    real_savez = np.savez_compressed
+
+    def savez_then_crash(path, **arrays):
+        real_savez(path, **arrays)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(np, "savez_compressed", savez_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_case(tmp_path, "c", np.zeros((1, 2, 2, 2)), None, {"version": 2})
+    assert not is_case_complete(tmp_path, "c")
+    assert sorted(os.listdir(tmp_path)) == ["c.npz"]  # old arrays kept (atomic), no temporary left
+
+
 def test_unlabelled_case_loads_with_seg_none(tmp_path):
     npz_path, _ = save_case(tmp_path, "unlabelled", np.ones((2, 2, 3, 4)), None, {})
     data, seg, props = load_case(npz_path)
