@@ -52,21 +52,22 @@ def _run_case(args) -> dict:
     from causal_conv1d import causal_conv1d_fn
     if args.threads:
         torch.set_num_threads(args.threads)
-    times = []
+    times, cpu_times = [], []
     if args.case == "conv_fwd":
         x = torch.randn(args.batch, args.dim, args.length)
         w = torch.randn(args.dim, 4)
         bias = torch.randn(args.dim)
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             causal_conv1d_fn(x, w, bias, "silu")
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     else:
         backward = args.case == "scan_fwd_bwd"
         u, delta, A, B, C, D, z, delta_bias = _make_inputs(args, requires_grad=backward)
         kwargs = dict(chunk_len=args.chunk_len, chunks_per_segment=args.chunks_per_segment)
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if backward:
                 out = selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, True, **kwargs)
                 out.backward(torch.ones_like(out))
@@ -74,8 +75,10 @@ def _run_case(args) -> dict:
                 with torch.no_grad():
                     selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, True, **kwargs)
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"case": args.case, "best_s": min(times), "times_s": [round(t, 3) for t in times],
+            "cpu_s": [round(t, 3) for t in cpu_times], "load_avg_1min": os.getloadavg()[0],
             "peak_rss_gib": peak_kib / 2 ** 20, "torch_threads": torch.get_num_threads(),
             "scan_threads_env": os.environ.get("MAMBA_SSM_CPU_SCAN_THREADS", "1 (default)")}
 
@@ -112,7 +115,8 @@ def main() -> None:
             print(f"{case}: FAILED\n{res.stderr}")
             continue
         r = json.loads(res.stdout.strip().splitlines()[-1])
-        print(f"{case:>13}: best {r['best_s']:.2f} s (runs {r['times_s']}), peak RSS {r['peak_rss_gib']:.2f} GiB")
+        print(f"{case:>13}: best {r['best_s']:.2f} s wall (runs {r['times_s']}; CPU time {r['cpu_s']}), "
+              f"peak RSS {r['peak_rss_gib']:.2f} GiB, load average {r['load_avg_1min']:.1f}")
 
 
 if __name__ == "__main__":
