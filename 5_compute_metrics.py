@@ -26,7 +26,7 @@ import numpy as np
 
 from light_training.evaluation import (BRATS_HD95_PENALTY, CONVENTIONS, REFERENCE_HD95_PENALTY, REGION_NAMES,
                                        brats_case_metrics, format_summary, summarize)
-from light_training.io import image_geometry, read_image
+from light_training.io import read_image
 from light_training.splits import load_or_create_splits
 from light_training.utils.files import atomic_path, save_json_atomic
 
