@@ -34,12 +34,12 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-# Tokens per chunk (steps of the Python loop) and chunks per segment (the width of each vectorised step:
-# nc * batch * dim * N elements, sized to stay in a 2 MiB L2 cache for dim=96, N=16 on CPU).
-# Tuned on a 2-core CPU with bench/bench_cpu_ops.py.
+# Tokens per chunk (steps of the Python loop), and the number of state values each vectorised step
+# touches (nc * batch * dim * N; on CPU sized so that the few operands of a step stay in a 2 MiB L2
+# cache). The chunks per segment nc follow from it. Tuned on a 2-core CPU with bench/bench_cpu_ops.py.
 DEFAULT_CHUNK_LEN = 64
-DEFAULT_CHUNKS_PER_SEGMENT_CPU = 32
-DEFAULT_CHUNKS_PER_SEGMENT_CUDA = 256
+STEP_ELEMENTS_CPU = 64 * 1536
+STEP_ELEMENTS_CUDA = 1 << 22
 # softplus is the identity above this (as torch.nn.functional.softplus and the CUDA kernels)
 SOFTPLUS_THRESHOLD = 20.0
 # exponents below these are clamped before exp: results stay normal numbers (subnormal arithmetic is
@@ -98,16 +98,16 @@ class _ScanProblem:
         self.groups = B.shape[1] if self.variable_B else (C.shape[1] if self.variable_C else 1)
         self.dg = self.dim // self.groups
         length = max(self.length, 1)
-        if chunks_per_segment is None:
-            chunks_per_segment = (DEFAULT_CHUNKS_PER_SEGMENT_CUDA if self.device.type == "cuda"
-                                  else DEFAULT_CHUNKS_PER_SEGMENT_CPU)
         self.T = max(1, min(int(chunk_len or DEFAULT_CHUNK_LEN), length))
+        if chunks_per_segment is None:
+            step = STEP_ELEMENTS_CUDA if self.device.type == "cuda" else STEP_ELEMENTS_CPU
+            chunks_per_segment = max(1, step // max(1, self.batch * self.dim * self.d_state))
         self.nc = max(1, min(int(chunks_per_segment), -(-length // self.T)))
         self.S = self.T * self.nc
         self.n_segments = -(-self.length // self.S)
         self.exp_floor = _EXP_FLOOR[self.cdt]
         self.A_t = self._per_state(A)
-        self.A_absmax = float(A.detach().abs().max()) if A.numel() else 0.0
+        self.A_range = (float(A.detach().min()), float(A.detach().max())) if A.numel() else (0.0, 0.0)
         self.D_c = D.to(self.cdt)[:, None] if D is not None else None
         self.B_const = None if self.variable_B else self._per_state(B)
         self.C_const = None if self.variable_C else self._per_state(C)
@@ -162,7 +162,10 @@ class _ScanProblem:
         seg.du = self.to_tokens(dt * u)
         seg.B = self.state_to_tokens(self.B[..., s0:s1].to(self.cdt)) if self.variable_B else None
         seg.C = self.state_to_tokens(self.C[..., s0:s1].to(self.cdt)) if self.variable_C else None
-        seg.needs_exp_floor = bool(dt.numel()) and float(dt.max()) * self.A_absmax > -self.exp_floor
+        if dt.numel():  # smallest possible exponent dt * A from the ranges of dt and A
+            dt_range = (float(dt.min()), float(dt.max()))
+            lowest = min(x * y for x in dt_range for y in self.A_range)
+            seg.needs_exp_floor = lowest < self.exp_floor
         return seg
 
 
