@@ -140,3 +140,64 @@ def plot_progress(history: TrainingHistory, path: Union[str, Path], selection_ke
         if temporary.exists():
             temporary.unlink()
     return path
+
+
+BRATS_LABEL_COLOURS = {1: ("NCR", (0.90, 0.10, 0.10)), 2: ("ED", (0.10, 0.80, 0.20)), 3: ("ET", (1.00, 0.85, 0.00))}
+
+
+def plot_segmentation_overlay(image: "np.ndarray", ground_truth: "np.ndarray", prediction: "np.ndarray",
+                              path: Union[str, Path], title: str = "",
+                              label_colours: Optional[Mapping[int, tuple]] = None,
+                              slice_index: Optional[int] = None) -> Path:
+    """PNG of one axial slice: the image, the image with the ground truth, the image with the prediction.
+
+    ``image``, ``ground_truth`` and ``prediction`` are ``(Z, Y, X)`` arrays on the same grid. The slice is
+    ``slice_index`` or the one with the most ground-truth foreground. ``label_colours``: ``{label: (name,
+    rgb)}`` (default: BraTS NCR/ED/ET). Written atomically.
+    """
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    image, ground_truth, prediction = np.asarray(image), np.asarray(ground_truth), np.asarray(prediction)
+    if not image.shape == ground_truth.shape == prediction.shape or image.ndim != 3:
+        raise ValueError(f"overlay needs three (Z, Y, X) arrays of one shape, got {image.shape}, "
+                         f"{ground_truth.shape}, {prediction.shape}")
+    colours = dict(label_colours or BRATS_LABEL_COLOURS)
+    if slice_index is None:
+        slice_index = int(np.argmax((ground_truth > 0).sum(axis=(1, 2))))
+    picture = image[slice_index].astype(np.float64)
+    low, high = np.percentile(picture, [0.5, 99.5])
+    picture = np.clip((picture - low) / (high - low if high > low else 1.0), 0, 1)
+
+    def blend(labels: "np.ndarray") -> "np.ndarray":
+        rgb = np.repeat(picture[..., None], 3, axis=2)
+        for label, (_, colour) in colours.items():
+            mask = labels[slice_index] == label
+            rgb[mask] = 0.45 * rgb[mask] + 0.55 * np.asarray(colour)
+        return rgb
+
+    figure = Figure(figsize=(12, 4.6), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 3)
+    panels = [(np.repeat(picture[..., None], 3, axis=2), "image"), (blend(ground_truth), "ground truth"),
+              (blend(prediction), "prediction")]
+    for axis, (rgb, name) in zip(axes, panels):
+        axis.imshow(rgb, origin="lower", interpolation="nearest")
+        axis.set_title(name)
+        axis.axis("off")
+    figure.legend(handles=[Patch(color=colour, label=f"{label} {name}") for label, (name, colour) in colours.items()],
+                  loc="lower center", ncol=len(colours), frameon=False)
+    figure.suptitle((title + " — " if title else "") + f"axial slice z = {slice_index}")
+    figure.tight_layout(rect=(0, 0.06, 1, 0.95))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        figure.savefig(temporary, format="png")
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return path
