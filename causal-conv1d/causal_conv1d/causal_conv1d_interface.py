@@ -49,14 +49,17 @@ def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                       activation: Optional[str] = None) -> torch.Tensor:
     """Pure-PyTorch causal depthwise conv1d (differentiable by autograd).
 
-    x (B, D, L), weight (D, W), bias (D,) or None -> (B, D, L) in x's dtype (weight/bias are cast to it).
-    Written as a sum of ``W`` shifted, per-channel scaled copies of ``x``: cheaper on CPU than a grouped
-    convolution and exact.
+    x (B, D, L), weight (D, W), bias (D,) or None -> (B, D, L) in x's dtype. fp16/bf16 inputs are computed
+    in float32 (as the CUDA kernel does). Written as a sum of ``W`` shifted, per-channel scaled copies of
+    ``x``: cheaper on CPU than a grouped convolution and exact.
     """
     _check_arguments(x, weight, bias, activation)
     length = x.shape[-1]
     width = weight.shape[1]
-    w = weight.to(x.dtype)
+    out_dtype = x.dtype
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(compute)
+    w = weight.to(compute)
     # the last tap multiplies x[t] itself; tap k multiplies x[t - (W - 1 - k)]. In-place accumulation
     # into slices avoids padded temporaries (4x less memory traffic than pad-and-add).
     out = x * w[:, width - 1:width]
@@ -65,10 +68,10 @@ def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         if shift < length:
             out[..., shift:].addcmul_(x[..., : length - shift], w[:, k:k + 1])
     if bias is not None:
-        out.add_(bias.to(x.dtype).unsqueeze(-1))
+        out.add_(bias.to(compute).unsqueeze(-1))
     if activation in ("silu", "swish"):
         out = F.silu(out)
-    return out
+    return out.to(out_dtype)
 
 
 def backend_name(device) -> str:
