@@ -33,6 +33,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # Tokens per chunk (steps of the Python loop), and the number of state values each vectorised step
 # touches (nc * batch * dim * N; on CPU sized so that the few operands of a step stay in a 2 MiB L2
@@ -425,6 +426,7 @@ class SelectiveScanChunked(torch.autograd.Function):
         return out, last_state
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out, grad_last_state):  # the last state's gradient is not propagated
         u, delta, A, B, C, D, z, delta_bias, *starts = ctx.saved_tensors
         delta_softplus, chunk_len, chunks_per_segment = ctx.settings
