@@ -112,8 +112,15 @@ def main():
     from mamba_ssm.ops import active_backend
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "scan_path": active_backend("cuda"), "copy_TBps": copy_bandwidth(), "scan": [], "conv": []}
-    for dt in (torch.float32, torch.float16, torch.bfloat16):
-        res["scan"].append(bench_scan(dt))
+    from mamba_ssm.ops import cuda_backend
+    cuda_backend.available()
+    for prefetch in (True, False):
+        cuda_backend._EXT.set_prefetch(prefetch)
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            r = bench_scan(dt)
+            r["impl"] = "kernel" + ("" if prefetch else "-noprefetch")
+            res["scan"].append(r)
+    cuda_backend._EXT.set_prefetch(True)
     if not args.no_pytorch:
         res["scan"].append(bench_scan(torch.float32, impl="pytorch-chunked"))
     for dt in (torch.float32, torch.float16):

@@ -18,6 +18,8 @@ using selective_scan::Params;
 // Test aid: when set, every output buffer is filled with NaN before the kernels run, so an element the
 // kernels fail to write shows up as NaN instead of passing with stale memory.
 bool g_poison = false;
+// Benchmark aid: issue the next chunk's loads before walking the current one (default on).
+bool g_prefetch = true;
 
 at::Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   at::Tensor t = at::empty(sizes, opts);
@@ -104,6 +106,7 @@ Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   p.nseg = (p.nchunks + selective_scan::kSegChunks - 1) / selective_scan::kSegChunks;
   p.dtype = to_dtype(u);
   p.delta_softplus = delta_softplus;
+  p.prefetch = g_prefetch;
   p.u = u.data_ptr();
   p.delta = delta.data_ptr();
   p.z = z.has_value() ? z->data_ptr() : nullptr;
@@ -213,4 +216,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dout"), py::arg("chunk_carry"), py::arg("chunk_dsum"));
   m.attr("CHUNK") = selective_scan::kChunk;
   m.def("set_poison", [](bool on) { g_poison = on; }, "fill outputs with NaN before each launch (testing)");
+  m.def("set_prefetch", [](bool on) { g_prefetch = on; }, "load the next chunk while walking the current one");
 }

@@ -25,6 +25,7 @@ struct Params {
   int chunks_per_group = 1, ngroups = 0;  // backward main kernel: chunks handled by one block
   DType dtype = DType::kFloat32;
   bool delta_softplus = false;
+  bool prefetch = true;  // issue the next chunk's loads before walking the current one
 
   const void* u = nullptr;
   const void* delta = nullptr;

@@ -29,52 +29,53 @@ __device__ __forceinline__ void reduce_scatter_channels(float (&v)[8], int lane)
   }
 }
 
-// Stages Δ, u, dy, dout·dsilu(z) and σ(δ+bias) for one chunk ([token][channel] tiles).
+// Raw per-token inputs of the backward for one chunk tile (registers), and their conversion into tiles:
+// Δ, u, dy = dout·silu(z) (or dout), dout·dsilu(z), σ(δ + bias) (1 without softplus).
 template <typename T, int NP>
-__device__ __forceinline__ void stage_bwd_inputs(const Params& p, int b, int t0, float* s_delta, float* s_u,
-                                                 float* s_dy, float* s_dzf, float* s_sig) {
-  using G = Geo<NP>;
-  const bool has_z = p.z != nullptr;
-  for_tile<NP>(p, b, t0, [&](int c, int t, bool valid, size_t row) {
-    float dl = 0.f, u = 0.f, dy = 0.f, dzf = 0.f, sig = 0.f;
-    if (valid) {
-      const int d = blockIdx.x * G::CPB + c;
-      const float x = Cvt<T>::ld(static_cast<const T*>(p.delta) + row) + (p.delta_bias ? p.delta_bias[d] : 0.f);
-      if (p.delta_softplus) {
-        dl = softplus_f(x);
-        sig = sigmoid_f(x);
-      } else {
-        dl = x;
-        sig = 1.f;
+struct BwdRegs {
+  RowRegs<T, NP> delta, u, dout, z;
+  __device__ __forceinline__ void load(const Params& p, int b, int t0, bool need_u) {
+    const long long bs = (long long)p.dim * p.seqlen;
+    delta.load(p, p.delta, b, t0, bs);
+    if (need_u) u.load(p, p.u, b, t0, bs);
+    dout.load(p, p.dout, b, t0, bs);
+    if (p.z != nullptr) z.load(p, p.z, b, t0, p.z_batch_stride);
+  }
+  __device__ __forceinline__ void commit(const Params& p, int t0, float* s_delta, float* s_u, float* s_dy,
+                                         float* s_dzf, float* s_sig) const {
+    using TI = TileIdx<NP>;
+    const bool has_z = p.z != nullptr;
+#pragma unroll
+    for (int j = 0; j < TI::kPer; ++j) {
+      const bool valid = TI::valid(p, t0, j);
+      const int o = TI::t() * Geo<NP>::TS + TI::c(j);
+      float dl = 0.f, sig = 0.f, dy = dout.v[j], dzf = 0.f;
+      if (valid) {
+        const float x = delta.v[j] + (p.delta_bias ? p.delta_bias[TI::d(j)] : 0.f);
+        dl = p.delta_softplus ? softplus_f(x) : x;
+        sig = p.delta_softplus ? sigmoid_f(x) : 1.f;
       }
-      u = Cvt<T>::ld(static_cast<const T*>(p.u) + row);
-      const float g = Cvt<T>::ld(static_cast<const T*>(p.dout) + row);
       if (has_z) {
-        const float z = Cvt<T>::ld(static_cast<const T*>(p.z) + z_row(p, b, row));
-        const float sz = sigmoid_f(z);
-        dy = g * z * sz;
-        dzf = g * sz * (1.f + z * (1.f - sz));
-      } else {
-        dy = g;
+        const float zz = z.v[j], sz = sigmoid_f(zz);
+        dzf = dy * sz * (1.f + zz * (1.f - sz));
+        dy = dy * zz * sz;
       }
+      s_delta[o] = dl;
+      s_dy[o] = dy;
+      if (s_u) s_u[o] = u.v[j];
+      if (s_dzf) s_dzf[o] = dzf;
+      if (s_sig) s_sig[o] = sig;
     }
-    const int o = t * G::TS + c;
-    s_delta[o] = dl;
-    s_u[o] = u;
-    if (s_dy) s_dy[o] = dy;
-    if (s_dzf) s_dzf[o] = dzf;
-    if (s_sig) s_sig[o] = sig;
-  });
-}
+  }
+};
 
 // Local reverse walk of the adjoint from a zero message: chunk_local = message leaving the chunk's first token.
-template <typename T, int NP>
+template <typename T, int NP, bool kPrefetch>
 __global__ void __launch_bounds__(kThreads) bwd_local_kernel(Params p) {
   using G = Geo<NP>;
   extern __shared__ float4 smem4[];
   float* s_delta = reinterpret_cast<float*>(smem4);
-  float* s_u = s_delta + G::kTile;  // staged but unused here (keeps one staging routine)
-  float* s_dy = s_u + G::kTile;
+  float* s_dy = s_delta + G::kTile;
   float* s_C = s_dy + G::kTile;
   const Who<NP> w(p.dim);
   const int b = blockIdx.z;
@@ -82,18 +83,27 @@ __global__ void __launch_bounds__(kThreads) bwd_local_kernel(Params p) {
   load_A2<NP>(p, w, A2);
   const int ch_begin = blockIdx.y * p.chunks_per_group;
   const int ch_end = min(ch_begin + p.chunks_per_group, p.nchunks);
+  BwdRegs<T, NP> r;
+  BCRegs<T, NP> r_C;
+  auto prefetch = [&](int ch) {
+    r.load(p, b, ch * kChunk, /*need_u=*/false);
+    r_C.load(p, p.Cm, b, ch * kChunk);
+  };
+  if (kPrefetch && ch_begin < ch_end) prefetch(ch_begin);
   for (int ch = ch_begin; ch < ch_end; ++ch) {
     const int t0 = ch * kChunk;
     __syncthreads();
-    stage_bwd_inputs<T, NP>(p, b, t0, s_delta, s_u, s_dy, nullptr, nullptr);
-    stage_bc<T, NP>(p, p.Cm, s_C, b, t0);
+    if (!kPrefetch) prefetch(ch);
+    r.commit(p, t0, s_delta, nullptr, s_dy, nullptr, nullptr);
+    r_C.store(s_C);
     __syncthreads();
+    if (kPrefetch && ch + 1 < ch_end) prefetch(ch + 1);
     float m[kNPT] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll 4
     for (int t = kChunk - 1; t >= 0; --t) {
       const float dl = s_delta[t * G::TS + w.c];
       const float dy = s_dy[t * G::TS + w.c];
-      const float4 cv = *reinterpret_cast<const float4*>(s_C + t * NP + w.q * kNPT);
+      const float4 cv = state4<NP>(s_C, t, w.q);
       m[0] = exp2f(dl * A2[0]) * (dy * cv.x + m[0]);
       m[1] = exp2f(dl * A2[1]) * (dy * cv.y + m[1]);
       m[2] = exp2f(dl * A2[2]) * (dy * cv.z + m[2]);
@@ -105,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) bwd_local_kernel(Params p) {
 
 template <int NP>
 __host__ __device__ constexpr int bwd_main_smem_floats() {
-  return 5 * Geo<NP>::kTile + 2 * Geo<NP>::kBC + kSegsPerChunk * kNPT * kThreads + kSeg * Geo<NP>::R * kThreads;
+  return 5 * Geo<NP>::kTile + 2 * Geo<NP>::kBC + kSegsPerChunk * kNPT * kThreads + 2 * kSeg * Geo<NP>::R * kThreads;
 }
 
 template <typename T, int NP>
@@ -120,7 +130,7 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
   float* s_B = s_sig + G::kTile;
   float* s_C = s_B + G::kBC;
   float* s_ckpt = s_C + G::kBC;
-  float* s_red = s_ckpt + kSegsPerChunk * kNPT * kThreads;
+  float* s_red0 = s_ckpt + kSegsPerChunk * kNPT * kThreads;  // two buffers: one barrier per segment
   const Who<NP> w(p.dim);
   const int b = blockIdx.z;
   const int tid = threadIdx.x;
@@ -135,9 +145,16 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
   for (int ch = ch_begin; ch < ch_end; ++ch) {
     const int t0 = ch * kChunk;
     __syncthreads();
-    stage_bwd_inputs<T, NP>(p, b, t0, s_delta, s_u, s_dy, s_dzf, s_sig);
-    stage_bc<T, NP>(p, p.Bm, s_B, b, t0);
-    stage_bc<T, NP>(p, p.Cm, s_C, b, t0);
+    {
+      BwdRegs<T, NP> r;
+      BCRegs<T, NP> r_B, r_C;
+      r.load(p, b, t0, /*need_u=*/true);  // all loads issued before any is used
+      r_B.load(p, p.Bm, b, t0);
+      r_C.load(p, p.Cm, b, t0);
+      r.commit(p, t0, s_delta, s_u, s_dy, s_dzf, s_sig);
+      r_B.store(s_B);
+      r_C.store(s_C);
+    }
     __syncthreads();
 
     // Phase 1: walk forward from the chunk's incoming state, checkpointing the state before each segment.
@@ -151,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
         const int t = seg * kSeg + i;
         const float dl = s_delta[t * G::TS + w.c];
         const float du = dl * s_u[t * G::TS + w.c];
-        const float4 bv = *reinterpret_cast<const float4*>(s_B + t * NP + w.q * kNPT);
+        const float4 bv = state4<NP>(s_B, t, w.q);
         h[0] = exp2f(dl * A2[0]) * h[0] + du * bv.x;
         h[1] = exp2f(dl * A2[1]) * h[1] + du * bv.y;
         h[2] = exp2f(dl * A2[2]) * h[2] + du * bv.z;
@@ -163,6 +180,7 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
     float m[kNPT];
     load_chunk_state<NP>(p, w, p.rev_carry, b, ch, m);
     for (int seg = kSegsPerChunk - 1; seg >= 0; --seg) {
+      float* s_red = s_red0 + (seg & 1) * kSeg * G::R * kThreads;
 #pragma unroll
       for (int k = 0; k < kNPT; ++k) h[k] = s_ckpt[(seg * kNPT + k) * kThreads + tid];
       float a[kSeg][kNPT], hp[kSeg][kNPT];
@@ -171,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
         const int t = seg * kSeg + i;
         const float dl = s_delta[t * G::TS + w.c];
         const float du = dl * s_u[t * G::TS + w.c];
-        const float4 bv = *reinterpret_cast<const float4*>(s_B + t * NP + w.q * kNPT);
+        const float4 bv = state4<NP>(s_B, t, w.q);
         const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
 #pragma unroll
         for (int k = 0; k < kNPT; ++k) {
@@ -188,8 +206,8 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
         const float u = s_u[o];
         const float dy = s_dy[o];
         const float dlu = dl * u;
-        const float4 bv = *reinterpret_cast<const float4*>(s_B + t * NP + w.q * kNPT);
-        const float4 cv = *reinterpret_cast<const float4*>(s_C + t * NP + w.q * kNPT);
+        const float4 bv = state4<NP>(s_B, t, w.q);
+        const float4 cv = state4<NP>(s_C, t, w.q);
         const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
         const float ck[kNPT] = {cv.x, cv.y, cv.z, cv.w};
         float dl_part = 0.f, du_part = 0.f, y_part = 0.f;
@@ -211,6 +229,7 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
         dl_part = sum_states<NP>(dl_part);
         du_part = sum_states<NP>(du_part);
         y_part = sum_states<NP>(y_part);
+        __syncwarp();  // the other lanes of this channel have read s_dy[o] before lane q == 0 overwrites it
         if (w.q == 0) {
           const float ddelta = (dl_part * kLn2 + du_part * u) * s_sig[o];
           dbias_acc += ddelta;
@@ -244,18 +263,15 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
           if (atomic_bc) atomicAdd(dst, s); else *dst = s;
         }
       }
-      __syncthreads();
+      // No second barrier: the next segment writes the other s_red buffer, and the one after that is
+      // separated from this read by the next segment's barrier.
     }
 
-    // Per-token outputs of this chunk.
-    const bool has_z = p.z != nullptr;
-    for_tile<NP>(p, b, t0, [&](int c, int t, bool valid, size_t row) {
-      if (!valid) return;
-      const int o = t * G::TS + c;
-      Cvt<T>::st(static_cast<T*>(p.du) + row, s_dy[o]);
-      Cvt<T>::st(static_cast<T*>(p.ddelta) + row, s_sig[o]);
-      if (has_z) Cvt<T>::st(static_cast<T*>(p.dz) + row, s_dzf[o]);
-    });
+    // Per-token outputs of this chunk (every lane's writes are behind the last segment's barrier).
+    __syncthreads();
+    store_tile<T, NP>(p, p.du, s_dy, b, t0);
+    store_tile<T, NP>(p, p.ddelta, s_sig, b, t0);
+    if (p.z != nullptr) store_tile<T, NP>(p, p.dz, s_dzf, b, t0);
   }
 
   // Per-block partial sums over its chunks (summed over blocks by the caller).
@@ -277,14 +293,17 @@ template <typename T, int NP>
 cudaError_t backward_impl(const Params& p, cudaStream_t stream) {
   using G = Geo<NP>;
   const dim3 grid = main_grid(p, G::CPB);
-  const size_t smem_local = (3 * G::kTile + G::kBC) * sizeof(float);
+  const size_t smem_local = (2 * G::kTile + G::kBC) * sizeof(float);
   const size_t smem_main = bwd_main_smem_floats<NP>() * sizeof(float);
-  cudaError_t err = cudaFuncSetAttribute(bwd_local_kernel<T, NP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)smem_local);
-  if (err != cudaSuccess) return err;
+  cudaError_t err = cudaSuccess;
+  for (const void* f : {(const void*)bwd_local_kernel<T, NP, true>, (const void*)bwd_local_kernel<T, NP, false>}) {
+    if ((err = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_local)) != cudaSuccess)
+      return err;
+  }
   err = cudaFuncSetAttribute(bwd_main_kernel<T, NP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_main);
   if (err != cudaSuccess) return err;
-  bwd_local_kernel<T, NP><<<grid, kThreads, smem_local, stream>>>(p);
+  if (p.prefetch) bwd_local_kernel<T, NP, true><<<grid, kThreads, smem_local, stream>>>(p);
+  else bwd_local_kernel<T, NP, false><<<grid, kThreads, smem_local, stream>>>(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if ((err = launch_carry(p, /*reverse=*/true, p.chunk_local, p.rev_carry, stream)) != cudaSuccess) return err;
   bwd_main_kernel<T, NP><<<grid, kThreads, smem_main, stream>>>(p, grid.x > 1);

@@ -5,7 +5,7 @@ namespace selective_scan {
 namespace detail {
 
 // Walk each chunk from a zero state: chunk_local = end state, chunk_dsum = Σ Δ over the chunk.
-template <typename T, int NP>
+template <typename T, int NP, bool kPrefetch>
 __global__ void __launch_bounds__(kThreads) fwd_local_kernel(Params p) {
   using G = Geo<NP>;
   extern __shared__ float4 smem4[];
@@ -16,32 +16,33 @@ __global__ void __launch_bounds__(kThreads) fwd_local_kernel(Params p) {
   const int b = blockIdx.z;
   float A2[kNPT];
   load_A2<NP>(p, w, A2);
-  const float* dbias = p.delta_bias;
   const int ch_begin = blockIdx.y * p.chunks_per_group;
   const int ch_end = min(ch_begin + p.chunks_per_group, p.nchunks);
+  RowRegs<T, NP> r_delta, r_u;
+  BCRegs<T, NP> r_B;
+  auto prefetch = [&](int ch) {
+    const long long bs = (long long)p.dim * p.seqlen;
+    r_delta.load(p, p.delta, b, ch * kChunk, bs);
+    r_u.load(p, p.u, b, ch * kChunk, bs);
+    r_B.load(p, p.Bm, b, ch * kChunk);
+  };
+  if (kPrefetch && ch_begin < ch_end) prefetch(ch_begin);
   for (int ch = ch_begin; ch < ch_end; ++ch) {
     const int t0 = ch * kChunk;
     __syncthreads();
-    for_tile<NP>(p, b, t0, [&](int c, int t, bool valid, size_t row) {
-      float dl = 0.f, u = 0.f;
-      if (valid) {
-        const int d = blockIdx.x * G::CPB + c;
-        dl = Cvt<T>::ld(static_cast<const T*>(p.delta) + row) + (dbias ? dbias[d] : 0.f);
-        if (p.delta_softplus) dl = softplus_f(dl);
-        u = Cvt<T>::ld(static_cast<const T*>(p.u) + row);
-      }
-      s_delta[t * G::TS + c] = dl;
-      s_u[t * G::TS + c] = u;
-    });
-    stage_bc<T, NP>(p, p.Bm, s_B, b, t0);
+    if (!kPrefetch) prefetch(ch);
+    r_delta.commit(p, t0, s_delta, [&](float v, bool valid, int d) { return valid ? delta_in(p, v, d) : 0.f; });
+    r_u.commit(p, t0, s_u, [](float v, bool, int) { return v; });
+    r_B.store(s_B);
     __syncthreads();
+    if (kPrefetch && ch + 1 < ch_end) prefetch(ch + 1);
     float h[kNPT] = {0.f, 0.f, 0.f, 0.f};
     float dsum = 0.f;
 #pragma unroll 4
     for (int t = 0; t < kChunk; ++t) {
       const float dl = s_delta[t * G::TS + w.c];
       const float du = dl * s_u[t * G::TS + w.c];
-      const float4 bv = *reinterpret_cast<const float4*>(s_B + t * NP + w.q * kNPT);
+      const float4 bv = state4<NP>(s_B, t, w.q);
       h[0] = exp2f(dl * A2[0]) * h[0] + du * bv.x;
       h[1] = exp2f(dl * A2[1]) * h[1] + du * bv.y;
       h[2] = exp2f(dl * A2[2]) * h[2] + du * bv.z;
@@ -54,13 +55,13 @@ __global__ void __launch_bounds__(kThreads) fwd_local_kernel(Params p) {
 }
 
 // Walk each chunk from its true incoming state and write out = (Σ_n C h + D u) · silu(z).
-template <typename T, int NP>
+template <typename T, int NP, bool kPrefetch>
 __global__ void __launch_bounds__(kThreads) fwd_out_kernel(Params p) {
   using G = Geo<NP>;
   extern __shared__ float4 smem4[];
   float* s_delta = reinterpret_cast<float*>(smem4);
   float* s_u = s_delta + G::kTile;
-  float* s_zo = s_u + G::kTile;  // silu(z) in, output out (same thread reads then writes a slot)
+  float* s_zo = s_u + G::kTile;  // silu(z) in, output out (the same thread reads then writes a slot)
   float* s_B = s_zo + G::kTile;
   float* s_C = s_B + G::kBC;
   const Who<NP> w(p.dim);
@@ -69,31 +70,30 @@ __global__ void __launch_bounds__(kThreads) fwd_out_kernel(Params p) {
   load_A2<NP>(p, w, A2);
   const float Dd = (p.D != nullptr && w.active) ? p.D[w.d] : 0.f;
   const bool has_z = p.z != nullptr;
-  const float* dbias = p.delta_bias;
   const int ch_begin = blockIdx.y * p.chunks_per_group;
   const int ch_end = min(ch_begin + p.chunks_per_group, p.nchunks);
+  RowRegs<T, NP> r_delta, r_u, r_z;
+  BCRegs<T, NP> r_B, r_C;
+  auto prefetch = [&](int ch) {
+    const long long bs = (long long)p.dim * p.seqlen;
+    r_delta.load(p, p.delta, b, ch * kChunk, bs);
+    r_u.load(p, p.u, b, ch * kChunk, bs);
+    if (has_z) r_z.load(p, p.z, b, ch * kChunk, p.z_batch_stride);
+    r_B.load(p, p.Bm, b, ch * kChunk);
+    r_C.load(p, p.Cm, b, ch * kChunk);
+  };
+  if (kPrefetch && ch_begin < ch_end) prefetch(ch_begin);
   for (int ch = ch_begin; ch < ch_end; ++ch) {
     const int t0 = ch * kChunk;
     __syncthreads();
-    for_tile<NP>(p, b, t0, [&](int c, int t, bool valid, size_t row) {
-      float dl = 0.f, u = 0.f, zs = 1.f;
-      if (valid) {
-        const int d = blockIdx.x * G::CPB + c;
-        dl = Cvt<T>::ld(static_cast<const T*>(p.delta) + row) + (dbias ? dbias[d] : 0.f);
-        if (p.delta_softplus) dl = softplus_f(dl);
-        u = Cvt<T>::ld(static_cast<const T*>(p.u) + row);
-        if (has_z) {
-          const float z = Cvt<T>::ld(static_cast<const T*>(p.z) + z_row(p, b, row));
-          zs = z * sigmoid_f(z);
-        }
-      }
-      s_delta[t * G::TS + c] = dl;
-      s_u[t * G::TS + c] = u;
-      s_zo[t * G::TS + c] = zs;
-    });
-    stage_bc<T, NP>(p, p.Bm, s_B, b, t0);
-    stage_bc<T, NP>(p, p.Cm, s_C, b, t0);
+    if (!kPrefetch) prefetch(ch);
+    r_delta.commit(p, t0, s_delta, [&](float v, bool valid, int d) { return valid ? delta_in(p, v, d) : 0.f; });
+    r_u.commit(p, t0, s_u, [](float v, bool, int) { return v; });
+    r_z.commit(p, t0, s_zo, [&](float z, bool, int) { return has_z ? z * sigmoid_f(z) : 1.f; });
+    r_B.store(s_B);
+    r_C.store(s_C);
     __syncthreads();
+    if (kPrefetch && ch + 1 < ch_end) prefetch(ch + 1);
     float h[kNPT];
     load_chunk_state<NP>(p, w, p.chunk_carry, b, ch, h);
 #pragma unroll 4
@@ -101,8 +101,8 @@ __global__ void __launch_bounds__(kThreads) fwd_out_kernel(Params p) {
       const float dl = s_delta[t * G::TS + w.c];
       const float u = s_u[t * G::TS + w.c];
       const float du = dl * u;
-      const float4 bv = *reinterpret_cast<const float4*>(s_B + t * NP + w.q * kNPT);
-      const float4 cv = *reinterpret_cast<const float4*>(s_C + t * NP + w.q * kNPT);
+      const float4 bv = state4<NP>(s_B, t, w.q);
+      const float4 cv = state4<NP>(s_C, t, w.q);
       h[0] = exp2f(dl * A2[0]) * h[0] + du * bv.x;
       h[1] = exp2f(dl * A2[1]) * h[1] + du * bv.y;
       h[2] = exp2f(dl * A2[2]) * h[2] + du * bv.z;
@@ -112,9 +112,7 @@ __global__ void __launch_bounds__(kThreads) fwd_out_kernel(Params p) {
       if (w.q == 0) s_zo[t * G::TS + w.c] = (y + Dd * u) * s_zo[t * G::TS + w.c];
     }
     __syncthreads();
-    for_tile<NP>(p, b, t0, [&](int c, int t, bool valid, size_t row) {
-      if (valid) Cvt<T>::st(static_cast<T*>(p.out) + row, s_zo[t * G::TS + c]);
-    });
+    store_tile<T, NP>(p, p.out, s_zo, b, t0);
   }
 }
 
@@ -124,16 +122,21 @@ cudaError_t forward_impl(const Params& p, cudaStream_t stream) {
   const dim3 grid = main_grid(p, G::CPB);
   const size_t smem_local = (2 * G::kTile + G::kBC) * sizeof(float);
   const size_t smem_out = (3 * G::kTile + 2 * G::kBC) * sizeof(float);
-  cudaError_t err = cudaFuncSetAttribute(fwd_out_kernel<T, NP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)smem_out);
-  if (err != cudaSuccess) return err;
-  err = cudaFuncSetAttribute(fwd_local_kernel<T, NP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             (int)smem_local);
-  if (err != cudaSuccess) return err;
-  fwd_local_kernel<T, NP><<<grid, kThreads, smem_local, stream>>>(p);
+  cudaError_t err = cudaSuccess;
+  for (const void* f : {(const void*)fwd_out_kernel<T, NP, true>, (const void*)fwd_out_kernel<T, NP, false>}) {
+    if ((err = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_out)) != cudaSuccess)
+      return err;
+  }
+  for (const void* f : {(const void*)fwd_local_kernel<T, NP, true>, (const void*)fwd_local_kernel<T, NP, false>}) {
+    if ((err = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_local)) != cudaSuccess)
+      return err;
+  }
+  if (p.prefetch) fwd_local_kernel<T, NP, true><<<grid, kThreads, smem_local, stream>>>(p);
+  else fwd_local_kernel<T, NP, false><<<grid, kThreads, smem_local, stream>>>(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if ((err = launch_carry(p, /*reverse=*/false, p.chunk_local, p.chunk_carry, stream)) != cudaSuccess) return err;
-  fwd_out_kernel<T, NP><<<grid, kThreads, smem_out, stream>>>(p);
+  if (p.prefetch) fwd_out_kernel<T, NP, true><<<grid, kThreads, smem_out, stream>>>(p);
+  else fwd_out_kernel<T, NP, false><<<grid, kThreads, smem_out, stream>>>(p);
   return cudaGetLastError();
 }
 

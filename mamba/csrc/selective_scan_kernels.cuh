@@ -64,7 +64,8 @@ struct Geo {
   static constexpr int CPB = kThreads / LPC;   // channels per block
   static constexpr int TS = CPB + 1;           // padded row stride of a [token][channel] tile
   static constexpr int kTile = kChunk * TS;    // floats in one [token][channel] tile
-  static constexpr int kBC = kChunk * NP;      // floats in one [token][state] tile
+  static constexpr int BS = NP + 4;            // row stride of a [token][state] tile
+  static constexpr int kBC = kChunk * BS;      // floats in one [token][state] tile
   static constexpr int LEVELS = (CPW >= 8) ? 3 : (CPW == 4 ? 2 : 1);  // butterfly levels over channels
   static constexpr int R = 8 >> LEVELS;        // values per lane after the reduce-scatter
 };
@@ -85,36 +86,97 @@ struct Who {
   }
 };
 
-// Calls f(c, t, valid, row_index) for every (channel-in-tile c, token-in-chunk t) of the block's tile, with
-// consecutive threads on consecutive tokens (coalesced global reads along the sequence).
-template <int NP, typename F>
-__device__ __forceinline__ void for_tile(const Params& p, int b, int t0, F&& f) {
-  using G = Geo<NP>;
-  const int d0 = blockIdx.x * G::CPB;
-  for (int idx = threadIdx.x; idx < G::CPB * kChunk; idx += kThreads) {
-    const int c = idx / kChunk, t = idx - c * kChunk;
-    const int d = d0 + c, tt = t0 + t;
-    const bool valid = d < p.dim && tt < p.seqlen;
-    const size_t row = valid ? ((size_t)b * p.dim + d) * p.seqlen + tt : 0;
-    f(c, t, valid, row);
+// Staging. A block's chunk tile is CPB channels x kChunk tokens; thread tid handles token t = tid % kChunk of
+// channels c = tid / kChunk + j * kCStep (j < kPer), so consecutive threads read consecutive tokens
+// (coalesced). All loads of a tile are issued before any is used; optionally (kPrefetch) they are issued one
+// chunk ahead so they are in flight while the previous chunk is walked. Then they are converted into
+// shared-memory tiles.
+template <int NP>
+struct TileIdx {
+  static constexpr int kCStep = kThreads / kChunk;              // channels covered per j step
+  static constexpr int kPer = Geo<NP>::CPB * kChunk / kThreads;  // elements per thread
+  static __device__ __forceinline__ int t() { return threadIdx.x % kChunk; }
+  static __device__ __forceinline__ int c(int j) { return threadIdx.x / kChunk + j * kCStep; }
+  static __device__ __forceinline__ int d(int j) { return blockIdx.x * Geo<NP>::CPB + c(j); }
+  static __device__ __forceinline__ bool valid(const Params& p, int t0, int j) {
+    return d(j) < p.dim && t0 + t() < p.seqlen;
   }
-}
+};
 
-// Loads a (batch, 1, dstate, seqlen) tensor's chunk into a [token][state] tile (zeros outside).
 // Row offset of z for a contiguous row offset `row` of batch b (z may have a larger batch stride).
 __device__ __forceinline__ size_t z_row(const Params& p, int b, size_t row) {
   return row + (size_t)b * (size_t)(p.z_batch_stride - (long long)p.dim * p.seqlen);
 }
 
+// Raw values of one (batch, dim, seqlen) tensor for one chunk tile, held in registers.
 template <typename T, int NP>
-__device__ __forceinline__ void stage_bc(const Params& p, const void* src, float* tile, int b, int t0) {
-  const T* x = static_cast<const T*>(src);
-  for (int idx = threadIdx.x; idx < NP * kChunk; idx += kThreads) {
-    const int n = idx / kChunk, t = idx - n * kChunk, tt = t0 + t;
-    float v = 0.f;
-    if (n < p.dstate && tt < p.seqlen) v = Cvt<T>::ld(x + ((size_t)b * p.dstate + n) * p.seqlen + tt);
-    tile[t * NP + n] = v;
+struct RowRegs {
+  using TI = TileIdx<NP>;
+  float v[TI::kPer];
+  __device__ __forceinline__ void load(const Params& p, const void* src, int b, int t0, long long batch_stride) {
+    const int tt = t0 + TI::t();
+    const bool tvalid = tt < p.seqlen;
+    const T* ptr = static_cast<const T*>(src) + (size_t)b * batch_stride + (size_t)TI::d(0) * p.seqlen + tt;
+    const size_t step = (size_t)TI::kCStep * p.seqlen;
+#pragma unroll
+    for (int j = 0; j < TI::kPer; ++j) {
+      v[j] = (tvalid && TI::d(j) < p.dim) ? Cvt<T>::ld(ptr) : 0.f;
+      ptr += step;
+    }
   }
+  // Writes f(v[j], valid, d) into tile[t][c].
+  template <typename F>
+  __device__ __forceinline__ void commit(const Params& p, int t0, float* tile, F&& f) const {
+#pragma unroll
+    for (int j = 0; j < TI::kPer; ++j)
+      tile[TI::t() * Geo<NP>::TS + TI::c(j)] = f(v[j], TI::valid(p, t0, j), TI::d(j));
+  }
+};
+
+// Stores tile[t][c] into a contiguous (batch, dim, seqlen) tensor.
+template <typename T, int NP>
+__device__ __forceinline__ void store_tile(const Params& p, void* dst, const float* tile, int b, int t0) {
+  using TI = TileIdx<NP>;
+  const int tt = t0 + TI::t();
+  if (tt >= p.seqlen) return;
+  T* ptr = static_cast<T*>(dst) + ((size_t)b * p.dim + TI::d(0)) * p.seqlen + tt;
+  const size_t step = (size_t)TI::kCStep * p.seqlen;
+#pragma unroll
+  for (int j = 0; j < TI::kPer; ++j) {
+    if (TI::d(j) < p.dim) Cvt<T>::st(ptr, tile[TI::t() * Geo<NP>::TS + TI::c(j)]);
+    ptr += step;
+  }
+}
+
+// Raw values of a (batch, 1, dstate, seqlen) tensor for one chunk, held in registers; stored into a
+// [token][state] tile with row stride BS = NP + 4 (keeps float4 alignment, limits store bank conflicts).
+template <typename T, int NP>
+struct BCRegs {
+  static constexpr int kNStep = kThreads / kChunk;
+  static constexpr int kPer = NP * kChunk / kThreads;
+  float v[kPer];
+  __device__ __forceinline__ void load(const Params& p, const void* src, int b, int t0) {
+    const int t = threadIdx.x % kChunk, tt = t0 + t;
+    const int n0 = threadIdx.x / kChunk;
+    const bool tvalid = tt < p.seqlen;
+    const T* ptr = static_cast<const T*>(src) + ((size_t)b * p.dstate + n0) * p.seqlen + tt;
+    const size_t step = (size_t)kNStep * p.seqlen;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      v[j] = (tvalid && n0 + j * kNStep < p.dstate) ? Cvt<T>::ld(ptr) : 0.f;
+      ptr += step;
+    }
+  }
+  __device__ __forceinline__ void store(float* tile) const {
+    const int t = threadIdx.x % kChunk, n0 = threadIdx.x / kChunk;
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) tile[t * Geo<NP>::BS + n0 + j * kNStep] = v[j];
+  }
+};
+
+__device__ __forceinline__ float delta_in(const Params& p, float raw, int d) {
+  const float x = raw + (p.delta_bias ? p.delta_bias[d] : 0.f);
+  return p.delta_softplus ? softplus_f(x) : x;
 }
 
 template <int NP>
@@ -124,6 +186,12 @@ __device__ __forceinline__ void load_A2(const Params& p, const Who<NP>& w, float
     const int n = w.q * kNPT + k;
     A2[k] = (w.active && n < p.dstate) ? p.A[(size_t)w.d * p.dstate + n] * kLog2e : 0.f;
   }
+}
+
+// The 4 states of thread q at token t from a [token][state] tile.
+template <int NP>
+__device__ __forceinline__ float4 state4(const float* tile, int t, int q) {
+  return *reinterpret_cast<const float4*>(tile + t * Geo<NP>::BS + q * kNPT);
 }
 
 // Chunk array (batch, nchunks, dstate, dim) index.
