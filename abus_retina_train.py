@@ -21,6 +21,7 @@ One epoch is one pass over the training cases (``ceil(cases / batch_size)`` iter
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--nms_threshold", type=float, default=0.5, help="NMS IoU threshold during validation")
     add("--selection_metric", default="auto", choices=("auto", "froc_iou0.3", "ap_iou0.25", "dice", "combined"),
         help="validation metric that picks best_model.pt (auto: froc_iou0.3 if frozen, else combined)")
+    add("--depths", type=int, nargs=4, default=None,
+        help="Mamba layers per encoder stage (default: from --pretrained_seg's checkpoint, else 2 2 2 2)")
     add("--feat_size", type=int, nargs=4, default=None,
         help="encoder widths (default: from --pretrained_seg's checkpoint, else 48 96 192 384)")
     add("--hidden_size", type=int, default=None, help="bottleneck width (default: from the checkpoint, else 768)")
@@ -101,6 +104,8 @@ def model_arguments(args, pretrained_config: Optional[dict]) -> dict:
     for key in ("in_chans", "out_chans", "depths", "feat_size", "hidden_size"):
         if pretrained_config and key in pretrained_config:
             config[key] = pretrained_config[key]
+    if args.depths is not None:
+        config["depths"] = list(args.depths)
     if args.feat_size is not None:
         config["feat_size"] = list(args.feat_size)
     if args.hidden_size is not None:
@@ -113,10 +118,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from detection.atss_matcher import ATSSMatcher
     from detection.losses import RetinaDetectionLoss
-    from detection.retina_training import RetinaPatchStream, RetinaTrainer, RetinaValidator
+    from detection.retina_training import RetinaTrainer, RetinaValidator, make_retina_patch_loader
     from detection.sampler import HardNegativeSampler
     from detection.sliding_window import RetinaInferenceConfig
-    from light_training.dataloading import CaseDataset, PatchLoader
+    from light_training.dataloading import CaseDataset
     from light_training.distributed import DeviceRequestError, cleanup_distributed, setup_distributed
     from light_training.trainer import TrainerConfig, TrainingSetupError
     from model_segmamba.segmamba_retina import (PretrainedLoadError, SegMambaWithRetina, freeze_backbone,
@@ -168,10 +173,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                            amp_dtype=args.amp, seed=args.seed, deterministic=args.deterministic,
                            selection_key=selection, selection_mode="max", progress_bar=not args.no_progress)
     patch = tuple(args.patch_size)
-    steps_per_rank = max(1, iterations // context.world_size)
-    stream = RetinaPatchStream(train_set, patch, args.batch_size, fg_ratio=args.fg_ratio, mirror=not args.no_mirror,
-                               seed=args.seed, rank=context.rank, num_batches=steps_per_rank)
-    loader = PatchLoader(stream, num_workers=args.num_workers, pin_memory=context.device.type == "cuda")
+    # Data factory: the trainer opens it once at start_batch = global_step, so a resumed run continues the
+    # exact batch sequence of an uninterrupted one.
+    batches = functools.partial(make_retina_patch_loader, train_set, patch, args.batch_size, fg_ratio=args.fg_ratio,
+                                mirror=not args.no_mirror, seed=args.seed, rank=context.rank,
+                                num_workers=args.num_workers, pin_memory=context.device.type == "cuda")
     inference = RetinaInferenceConfig(patch_size=patch, overlap=args.overlap, batch_size=args.batch_size,
                                       score_threshold=args.score_threshold, nms_threshold=args.nms_threshold,
                                       amp=args.amp != "none")
@@ -181,7 +187,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                HardNegativeSampler(args.sampler_batch_size, args.sampler_pos_fraction),
                                model.box_coder, focal_alpha=args.focal_alpha, focal_gamma=args.focal_gamma)
     try:
-        trainer = RetinaTrainer(model, config, loader, loss, validator=validator, context=context,
+        trainer = RetinaTrainer(model, config, batches, loss, validator=validator, context=context,
                                 model_config=model.model_config(), seg_weight=args.seg_weight,
                                 det_weight=args.det_weight, det_warmup_epochs=args.det_warmup_epochs,
                                 train_segmentation=not args.freeze_backbone,

@@ -16,6 +16,7 @@ Exit codes: 0 done; 1 training stopped with an error; 2 bad settings.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from typing import List, Optional
@@ -122,11 +123,11 @@ def train(args: argparse.Namespace, context) -> int:
         f"{val_count} validation cases; patch {tuple(args.patch_size)}; device {context.device}")
 
     transform = build_train_transforms(None if args.augmentation == "none" else args.augmentation)
-    steps_per_rank = max(1, args.iterations_per_epoch // context.world_size)
-    loader = make_patch_loader(train_set, tuple(args.patch_size), args.batch_size,
-                               oversample_foreground=args.oversample_foreground, transform=transform,
-                               num_workers=args.num_workers, seed=args.seed, rank=context.rank,
-                               num_batches=steps_per_rank, pin_memory=context.device.type == "cuda")
+    # Data factory: opened once by the trainer at start_batch = global_step (exact resume).
+    batches = functools.partial(make_patch_loader, train_set, tuple(args.patch_size), args.batch_size,
+                                oversample_foreground=args.oversample_foreground, transform=transform,
+                                num_workers=args.num_workers, seed=args.seed, rank=context.rank,
+                                pin_memory=context.device.type == "cuda")
 
     def load_validation_case(index: int):
         data, seg = val_set.arrays(index)
@@ -141,7 +142,7 @@ def train(args: argparse.Namespace, context) -> int:
                            val_every=args.val_every, learning_rate=args.lr, amp_dtype=args.amp, seed=args.seed,
                            deterministic=args.deterministic, selection_key="mean_dice",
                            progress_bar=not args.no_progress)
-    trainer = Trainer(model, config, loader, loss_fn=SegmentationLoss("dice_ce"), validator=validator,
+    trainer = Trainer(model, config, batches, loss_fn=SegmentationLoss("dice_ce"), validator=validator,
                       context=context, model_config=model_config)
     result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     trainer.close()

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from light_training.dataloading import (CaseDataset, PatchBatchStream, choose_patch_start, crop_with_padding,
-                                        patch_start_bounds)
+from light_training.dataloading import (CaseDataset, PatchBatchStream, PatchLoader, choose_patch_start,
+                                        crop_with_padding, patch_start_bounds)
 from light_training.distributed import all_gather_objects
 from light_training.trainer import SegmentationLoss, Trainer
 
@@ -134,6 +134,19 @@ class RetinaPatchStream(PatchBatchStream):
         return {"data": torch.stack(datas), "seg": torch.stack(segs), "boxes": boxes_out, "keys": keys}
 
 
+def make_retina_patch_loader(dataset: CaseDataset, patch_size: Sequence[int], batch_size: int, *,
+                             fg_ratio: float = 0.5, mirror: bool = True, seed: int = 0, rank: int = 0,
+                             num_workers: int = 0, pin_memory: bool = False, start_batch: int = 0) -> PatchLoader:
+    """Endless loader of :class:`RetinaPatchStream` batches starting at global batch ``start_batch``.
+
+    Meant as the trainer's data factory (``functools.partial`` of everything but ``start_batch``): a resumed run
+    asks for ``start_batch = global_step`` and continues the exact batch sequence of an uninterrupted run.
+    """
+    stream = RetinaPatchStream(dataset, patch_size, batch_size, fg_ratio=fg_ratio, mirror=mirror, seed=seed,
+                               rank=rank, start_batch=start_batch, num_batches=None)
+    return PatchLoader(stream, num_workers=num_workers, pin_memory=pin_memory)
+
+
 # ---------------------------------------------------------------------------------------------- validation
 
 class RetinaValidator:
@@ -225,7 +238,8 @@ class RetinaTrainer(Trainer):
     """:class:`~light_training.trainer.Trainer` with the SegMamba-Retina loss, AdamW and pooled detection
     validation.
 
-    Args (besides the Trainer's):
+    Args (besides the Trainer's; ``train_data`` is best a factory ``start_batch -> loader`` such as a partial of
+    :func:`make_retina_patch_loader`, for exact resume):
         detection_loss: the RetinaNet loss (focal alpha/gamma, ATSS, sampler).
         seg_weight, det_weight: loss weights.
         det_warmup_epochs: linear ramp of the detection weight over the first epochs (0 = none).
@@ -233,7 +247,7 @@ class RetinaTrainer(Trainer):
         inference_settings: stored in checkpoints so prediction uses the training window.
     """
 
-    def __init__(self, model: torch.nn.Module, config, train_loader: Iterable[Mapping[str, Any]],
+    def __init__(self, model: torch.nn.Module, config, train_data,
                  detection_loss: RetinaDetectionLoss, validator: Optional[RetinaValidator] = None,
                  context=None, model_config: Optional[Dict[str, Any]] = None, seg_weight: float = 1.0,
                  det_weight: float = 1.0, det_warmup_epochs: int = 50, train_segmentation: bool = True,
@@ -244,7 +258,7 @@ class RetinaTrainer(Trainer):
         self.det_warmup_epochs = int(det_warmup_epochs)
         self.train_segmentation = bool(train_segmentation)
         self.inference_settings = dict(inference_settings or {})
-        super().__init__(model, config, train_loader, loss_fn=SegmentationLoss("dice_ce"), validator=validator,
+        super().__init__(model, config, train_data, loss_fn=SegmentationLoss("dice_ce"), validator=validator,
                          context=context, model_config=model_config)
 
     def build_optimizer(self, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
