@@ -7,6 +7,7 @@ in their own dtypes.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -17,8 +18,11 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def available() -> bool:
-    """True when the compiled extension ``causal_conv1d._causal_conv1d_cuda`` can be imported."""
+    """True when the compiled extension ``causal_conv1d._causal_conv1d_cuda`` can be imported
+    (always False while the environment variable SEGMAMBA_FORCE_PYTORCH=1 is set, to compare or debug)."""
     global _AVAILABLE, _EXT
+    if os.environ.get("SEGMAMBA_FORCE_PYTORCH", "0") == "1":
+        return False
     if _AVAILABLE is None:
         try:
             from causal_conv1d import _causal_conv1d_cuda

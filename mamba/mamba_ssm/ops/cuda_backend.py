@@ -8,6 +8,7 @@ grouped B/C, float64, larger d_state) runs the chunked PyTorch scan instead, wit
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -21,8 +22,11 @@ _FALLBACK_LOGGED: set = set()
 
 
 def available() -> bool:
-    """True when the compiled extension ``mamba_ssm._selective_scan_cuda`` can be imported."""
+    """True when the compiled extension ``mamba_ssm._selective_scan_cuda`` can be imported
+    (always False while the environment variable SEGMAMBA_FORCE_PYTORCH=1 is set, to compare or debug)."""
     global _AVAILABLE, _EXT
+    if os.environ.get("SEGMAMBA_FORCE_PYTORCH", "0") == "1":
+        return False
     if _AVAILABLE is None:
         try:
             from mamba_ssm import _selective_scan_cuda

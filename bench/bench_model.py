@@ -1,0 +1,136 @@
+"""Whole-model speed and memory on the GPU: SegMamba (our kernels / PyTorch scan path) vs MONAI SwinUNETR
+(feature_size 48) and UNETR, same input and AMP settings.
+
+Training step: batch 2 × 4 × 128³, 4 classes, cross-entropy, SGD (lr 1e-2, momentum 0.99, Nesterov), AMP
+(fp16 with GradScaler, or bf16). Inference: 1 × 4 × 128³ forward under autocast, no grad. Each time is the
+median of ``--repeat`` CUDA-event-timed runs after warm-up; peak memory is torch's max allocated memory
+during the timed runs. Also times sliding-window inference of one BraTS-sized volume (4 × 140 × 170 × 140)
+with and without 8-way mirror TTA. Prints a table and writes JSON.
+
+    python bench/bench_model.py --out bench_model.json [--models segmamba,swinunetr,unetr] [--amp fp16]
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def build(name):
+    if name.startswith("segmamba"):
+        from model_segmamba import SegMamba
+        return SegMamba(in_chans=4, out_chans=4)
+    from monai.networks import nets
+    if name == "swinunetr":
+        return nets.SwinUNETR(in_channels=4, out_channels=4, feature_size=48)
+    if name == "unetr":
+        return nets.UNETR(in_channels=4, out_channels=4, img_size=(128, 128, 128))
+    raise ValueError(name)
+
+
+def events_time(fn, warmup, repeat):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeat):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+def bench_one(name, amp, repeat):
+    force_pytorch = name == "segmamba-pytorch"
+    os.environ["SEGMAMBA_FORCE_PYTORCH"] = "1" if force_pytorch else "0"
+    torch.manual_seed(0)
+    model = build(name).cuda()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+    x = torch.randn(2, 4, 128, 128, 128, device="cuda")
+    y = torch.randint(0, 4, (2, 128, 128, 128), device="cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    scaler = torch.amp.GradScaler("cuda", enabled=(amp == "fp16"))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 12)
+        scaler.step(opt)
+        scaler.update()
+
+    slow = force_pytorch
+    model.train()
+    t_train, m_train = events_time(step, 1 if slow else 3, 3 if slow else repeat)
+    del opt, scaler
+    x1 = x[:1].contiguous()
+    model.eval()
+
+    def infer():
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+            model(x1)
+
+    torch.cuda.empty_cache()
+    t_inf, m_inf = events_time(infer, 1 if slow else 3, 3 if slow else repeat)
+    res = {"model": name, "train_ms": t_train, "train_peak_GiB": m_train, "infer_ms": t_inf, "infer_peak_GiB": m_inf,
+           "params": sum(p.numel() for p in model.parameters())}
+    del model
+    torch.cuda.empty_cache()
+    return res
+
+
+def bench_sliding_window(amp):
+    from light_training.prediction import SlidingWindowConfig, SlidingWindowPredictor
+    from model_segmamba import SegMamba
+    os.environ["SEGMAMBA_FORCE_PYTORCH"] = "0"
+    model = SegMamba(4, 4).cuda().eval()
+    vol = torch.randn(4, 140, 170, 140)
+    out = {}
+    for tta, axes in (("none", ()), ("mirror8", (0, 1, 2))):
+        pred = SlidingWindowPredictor(SlidingWindowConfig(mirror_axes=axes, amp_dtype=amp), device="cuda")
+        pred.predict_probabilities(model, vol)  # warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        pred.predict_probabilities(model, vol)
+        torch.cuda.synchronize()
+        out[tta] = (time.perf_counter() - t0) * 1000
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench_model.json")
+    ap.add_argument("--models", default="segmamba,segmamba-pytorch,swinunetr,unetr")
+    ap.add_argument("--amp", default="fp16", choices=["fp16", "bf16"])
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--no_sliding_window", action="store_true")
+    args = ap.parse_args()
+    torch.backends.cudnn.benchmark = True
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "amp": args.amp, "models": []}
+    for name in args.models.split(","):
+        r = bench_one(name, args.amp, args.repeat)
+        res["models"].append(r)
+        print(f"{r['model']:<18} train {r['train_ms']:8.1f} ms {r['train_peak_GiB']:6.2f} GiB   "
+              f"infer {r['infer_ms']:7.1f} ms {r['infer_peak_GiB']:5.2f} GiB", flush=True)
+    if not args.no_sliding_window:
+        res["sliding_window_4x140x170x140_ms"] = bench_sliding_window(args.amp)
+        print("sliding window 4x140x170x140:", {k: round(v, 1) for k, v in res["sliding_window_4x140x170x140_ms"].items()})
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
