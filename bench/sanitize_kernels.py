@@ -13,7 +13,8 @@ from mamba_ssm.ops import selective_scan_fn
 def main():
     torch.manual_seed(0)
     for (b, d, length, n, dtype) in [(1, 40, 150, 16, torch.float32), (2, 136, 77, 5, torch.bfloat16),
-                                     (1, 16, 70, 64, torch.float16)]:
+                                     (1, 16, 70, 64, torch.float16), (2, 40, 160, 16, torch.float32),
+                                     (1, 72, 136, 32, torch.float16)]:
         mk = lambda *s: torch.randn(*s, device="cuda").to(dtype).requires_grad_()  # noqa: E731
         u, delta, z = mk(b, d, length), mk(b, d, length), mk(b, d, length)
         Bm, Cm = mk(b, 1, n, length), mk(b, 1, n, length)

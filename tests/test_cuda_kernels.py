@@ -102,7 +102,10 @@ SCAN_CASES = [
     (1, 200, 777, 16, True, True, True, True),   # several channel tiles: dB/dC accumulated with atomics
     (3, 40, 300, 32, True, False, True, True),
     (1, 8, 130, 5, True, True, False, True),      # N padded up to 16
+    (1, 64, 2048, 64, True, True, True, True),    # vector row access with N = 64
+    (3, 40, 304, 32, True, False, True, True),    # vector row access with N = 32
 ]
+# L % 8 == 0 uses 16-byte vector loads/stores, other L the scalar path: both are covered above.
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -135,9 +138,10 @@ def test_selective_scan_small_case_matches_sequential_loop_oracle():
     assert rel(last, ref_last) <= 1e-5
 
 
-def test_selective_scan_kernel_reads_a_channel_slice_of_z_in_place():
-    inp = scan_inputs(2, 32, 333, 16, torch.float32, seed=5)
-    big = torch.randn(2, 64, 333, device=DEV)
+@pytest.mark.parametrize("length", [333, 336])
+def test_selective_scan_kernel_reads_a_channel_slice_of_z_in_place(length):
+    inp = scan_inputs(2, 32, length, 16, torch.float32, seed=5)
+    big = torch.randn(2, 64, length, device=DEV)
     big[:, 32:] = inp["z"]
     inp_sliced = dict(inp, z=big[:, 32:])
     a, _, _ = run_scan(inp_sliced, True, False, reference=False)

@@ -117,6 +117,10 @@ Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   p.D = D.has_value() ? D->data_ptr<float>() : nullptr;
   p.delta_bias = delta_bias.has_value() ? delta_bias->data_ptr<float>() : nullptr;
 
+  // Vector (16-byte) row access needs every row start aligned: seqlen a multiple of 8 and aligned pointers.
+  auto aligned16 = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) % 16) == 0; };
+  p.vec_io = seqlen % 8 == 0 && aligned16(p.u) && aligned16(p.delta) && aligned16(p.Bm) && aligned16(p.Cm) &&
+             (p.z == nullptr || (aligned16(p.z) && p.z_batch_stride % 8 == 0));
   // Chunks per block: enough blocks to fill the GPU several times over, grid.y within limits.
   const int tiles = selective_scan::channel_tiles(p.dim, p.dstate);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;

@@ -26,6 +26,7 @@ struct Params {
   DType dtype = DType::kFloat32;
   bool delta_softplus = false;
   bool prefetch = true;  // issue the next chunk's loads before walking the current one
+  bool vec_io = false;   // rows are 16-byte aligned (seqlen % 8 == 0, aligned pointers): vector loads/stores
 
   const void* u = nullptr;
   const void* delta = nullptr;

@@ -43,15 +43,17 @@ struct BwdRegs {
   }
   __device__ __forceinline__ void commit(const Params& p, int t0, float* s_delta, float* s_u, float* s_dy,
                                          float* s_dzf, float* s_sig) const {
-    using TI = TileIdx<NP>;
+    using M = TileMap<T, NP>;
     const bool has_z = p.z != nullptr;
+    const bool vec = p.vec_io;
 #pragma unroll
-    for (int j = 0; j < TI::kPer; ++j) {
-      const bool valid = TI::valid(p, t0, j);
-      const int o = TI::t() * Geo<NP>::TS + TI::c(j);
+    for (int j = 0; j < M::kPer; ++j) {
+      const int c = M::c(vec, j), t = M::t(vec, j), d = blockIdx.x * Geo<NP>::CPB + c;
+      const bool valid = d < p.dim && t0 + t < p.seqlen;
+      const int o = t * Geo<NP>::TS + c;
       float dl = 0.f, sig = 0.f, dy = dout.v[j], dzf = 0.f;
       if (valid) {
-        const float x = delta.v[j] + (p.delta_bias ? p.delta_bias[TI::d(j)] : 0.f);
+        const float x = delta.v[j] + (p.delta_bias ? p.delta_bias[d] : 0.f);
         dl = p.delta_softplus ? softplus_f(x) : x;
         sig = p.delta_softplus ? sigmoid_f(x) : 1.f;
       }
@@ -95,7 +97,7 @@ __global__ void __launch_bounds__(kThreads) bwd_local_kernel(Params p) {
     __syncthreads();
     if (!kPrefetch) prefetch(ch);
     r.commit(p, t0, s_delta, nullptr, s_dy, nullptr, nullptr);
-    r_C.store(s_C);
+    r_C.store(p, s_C);
     __syncthreads();
     if (kPrefetch && ch + 1 < ch_end) prefetch(ch + 1);
     float m[kNPT] = {0.f, 0.f, 0.f, 0.f};
@@ -152,8 +154,8 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
       r_B.load(p, p.Bm, b, t0);
       r_C.load(p, p.Cm, b, t0);
       r.commit(p, t0, s_delta, s_u, s_dy, s_dzf, s_sig);
-      r_B.store(s_B);
-      r_C.store(s_C);
+      r_B.store(p, s_B);
+      r_C.store(p, s_C);
     }
     __syncthreads();
 

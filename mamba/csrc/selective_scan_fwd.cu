@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kThreads) fwd_local_kernel(Params p) {
     if (!kPrefetch) prefetch(ch);
     r_delta.commit(p, t0, s_delta, [&](float v, bool valid, int d) { return valid ? delta_in(p, v, d) : 0.f; });
     r_u.commit(p, t0, s_u, [](float v, bool, int) { return v; });
-    r_B.store(s_B);
+    r_B.store(p, s_B);
     __syncthreads();
     if (kPrefetch && ch + 1 < ch_end) prefetch(ch + 1);
     float h[kNPT] = {0.f, 0.f, 0.f, 0.f};
@@ -90,8 +90,8 @@ __global__ void __launch_bounds__(kThreads) fwd_out_kernel(Params p) {
     r_delta.commit(p, t0, s_delta, [&](float v, bool valid, int d) { return valid ? delta_in(p, v, d) : 0.f; });
     r_u.commit(p, t0, s_u, [](float v, bool, int) { return v; });
     r_z.commit(p, t0, s_zo, [&](float z, bool, int) { return has_z ? z * sigmoid_f(z) : 1.f; });
-    r_B.store(s_B);
-    r_C.store(s_C);
+    r_B.store(p, s_B);
+    r_C.store(p, s_C);
     __syncthreads();
     if (kPrefetch && ch + 1 < ch_end) prefetch(ch + 1);
     float h[kNPT];

@@ -41,16 +41,41 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 template <typename T> struct Cvt;
 template <> struct Cvt<float> {
+  static __device__ __forceinline__ float f(float v) { return v; }
+  static __device__ __forceinline__ float to(float v) { return v; }
   static __device__ __forceinline__ float ld(const float* p) { return *p; }
   static __device__ __forceinline__ void st(float* p, float v) { *p = v; }
 };
 template <> struct Cvt<__half> {
+  static __device__ __forceinline__ float f(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half to(float v) { return __float2half_rn(v); }
   static __device__ __forceinline__ float ld(const __half* p) { return __half2float(*p); }
   static __device__ __forceinline__ void st(__half* p, float v) { *p = __float2half_rn(v); }
 };
 template <> struct Cvt<__nv_bfloat16> {
+  static __device__ __forceinline__ float f(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 to(float v) { return __float2bfloat16_rn(v); }
   static __device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
   static __device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+};
+
+// N consecutive elements as one 4-, 8- or 16-byte access (the caller guarantees alignment).
+template <typename T, int N>
+struct Vec {
+  static constexpr int kBytes = N * (int)sizeof(T);
+  static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "vector width");
+  struct alignas(kBytes) Raw { T e[N]; };
+  static __device__ __forceinline__ void load(const T* p, float (&out)[N]) {
+    const Raw r = *reinterpret_cast<const Raw*>(p);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = Cvt<T>::f(r.e[i]);
+  }
+  static __device__ __forceinline__ void store(T* p, const float (&in)[N]) {
+    Raw r;
+#pragma unroll
+    for (int i = 0; i < N; ++i) r.e[i] = Cvt<T>::to(in[i]);
+    *reinterpret_cast<Raw*>(p) = r;
+  }
 };
 
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
@@ -86,21 +111,30 @@ struct Who {
   }
 };
 
-// Staging. A block's chunk tile is CPB channels x kChunk tokens; thread tid handles token t = tid % kChunk of
-// channels c = tid / kChunk + j * kCStep (j < kPer), so consecutive threads read consecutive tokens
-// (coalesced). All loads of a tile are issued before any is used; optionally (kPrefetch) they are issued one
-// chunk ahead so they are in flight while the previous chunk is walked. Then they are converted into
-// shared-memory tiles.
-template <int NP>
-struct TileIdx {
-  static constexpr int kCStep = kThreads / kChunk;              // channels covered per j step
+// Staging. A block's chunk tile is CPB channels x kChunk tokens (kPer elements per thread). Two element->thread
+// mappings, both with consecutive threads on consecutive tokens of a row (coalesced):
+//   scalar: element j of thread tid is token tid % kChunk of channel tid / kChunk + j * kCStep;
+//   vector (p.vec_io): the row is read in vectors of kV tokens; vector slot k of thread tid is vector
+//           vi = tid + k * kThreads, i.e. channel vi / kVPR, tokens (vi % kVPR) * kV ... + kV - 1.
+// All loads of a tile are issued before any is used; optionally (kPrefetch) one chunk ahead, so they are in
+// flight while the previous chunk is walked. Values are then converted into shared-memory tiles [t][c].
+template <typename T, int NP>
+struct TileMap {
+  static constexpr int kCStep = kThreads / kChunk;              // channels covered per scalar step
   static constexpr int kPer = Geo<NP>::CPB * kChunk / kThreads;  // elements per thread
-  static __device__ __forceinline__ int t() { return threadIdx.x % kChunk; }
-  static __device__ __forceinline__ int c(int j) { return threadIdx.x / kChunk + j * kCStep; }
-  static __device__ __forceinline__ int d(int j) { return blockIdx.x * Geo<NP>::CPB + c(j); }
-  static __device__ __forceinline__ bool valid(const Params& p, int t0, int j) {
-    return d(j) < p.dim && t0 + t() < p.seqlen;
+  static constexpr int kV0 = 16 / (int)sizeof(T);
+  static constexpr int kV = kV0 < kPer ? kV0 : kPer;             // tokens per vector
+  static constexpr int kVPR = kChunk / kV;                       // vectors per row
+  static constexpr int kVecs = kPer / kV;                        // vectors per thread
+  static_assert(kPer % kV == 0, "tile mapping");
+  // channel-in-tile and token-in-chunk of element j (j = k * kV + i in the vector mapping)
+  static __device__ __forceinline__ int c(bool vec, int j) {
+    return vec ? (threadIdx.x + (j / kV) * kThreads) / kVPR : threadIdx.x / kChunk + j * kCStep;
   }
+  static __device__ __forceinline__ int t(bool vec, int j) {
+    return vec ? ((threadIdx.x + (j / kV) * kThreads) % kVPR) * kV + j % kV : threadIdx.x % kChunk;
+  }
+  static __device__ __forceinline__ int d(bool vec, int j) { return blockIdx.x * Geo<NP>::CPB + c(vec, j); }
 };
 
 // Row offset of z for a contiguous row offset `row` of batch b (z may have a larger batch stride).
@@ -111,40 +145,75 @@ __device__ __forceinline__ size_t z_row(const Params& p, int b, size_t row) {
 // Raw values of one (batch, dim, seqlen) tensor for one chunk tile, held in registers.
 template <typename T, int NP>
 struct RowRegs {
-  using TI = TileIdx<NP>;
-  float v[TI::kPer];
+  using M = TileMap<T, NP>;
+  float v[M::kPer];
   __device__ __forceinline__ void load(const Params& p, const void* src, int b, int t0, long long batch_stride) {
-    const int tt = t0 + TI::t();
-    const bool tvalid = tt < p.seqlen;
-    const T* ptr = static_cast<const T*>(src) + (size_t)b * batch_stride + (size_t)TI::d(0) * p.seqlen + tt;
-    const size_t step = (size_t)TI::kCStep * p.seqlen;
+    const T* base = static_cast<const T*>(src) + (size_t)b * batch_stride;
+    if (p.vec_io) {
 #pragma unroll
-    for (int j = 0; j < TI::kPer; ++j) {
-      v[j] = (tvalid && TI::d(j) < p.dim) ? Cvt<T>::ld(ptr) : 0.f;
-      ptr += step;
+      for (int k = 0; k < M::kVecs; ++k) {
+        const int j = k * M::kV;
+        const int d = M::d(true, j), tt = t0 + M::t(true, j);
+        float tmp[M::kV];
+        if (d < p.dim && tt < p.seqlen) {  // seqlen % kV == 0: a vector is all in or all out
+          Vec<T, M::kV>::load(base + (size_t)d * p.seqlen + tt, tmp);
+        } else {
+#pragma unroll
+          for (int i = 0; i < M::kV; ++i) tmp[i] = 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < M::kV; ++i) v[j + i] = tmp[i];
+      }
+    } else {
+      const int tt = t0 + M::t(false, 0);
+      const bool tvalid = tt < p.seqlen;
+      const T* ptr = base + (size_t)M::d(false, 0) * p.seqlen + tt;
+      const size_t step = (size_t)M::kCStep * p.seqlen;
+#pragma unroll
+      for (int j = 0; j < M::kPer; ++j) {
+        v[j] = (tvalid && M::d(false, j) < p.dim) ? Cvt<T>::ld(ptr) : 0.f;
+        ptr += step;
+      }
     }
   }
   // Writes f(v[j], valid, d) into tile[t][c].
   template <typename F>
   __device__ __forceinline__ void commit(const Params& p, int t0, float* tile, F&& f) const {
+    const bool vec = p.vec_io;
 #pragma unroll
-    for (int j = 0; j < TI::kPer; ++j)
-      tile[TI::t() * Geo<NP>::TS + TI::c(j)] = f(v[j], TI::valid(p, t0, j), TI::d(j));
+    for (int j = 0; j < M::kPer; ++j) {
+      const int c = M::c(vec, j), t = M::t(vec, j), d = blockIdx.x * Geo<NP>::CPB + c;
+      tile[t * Geo<NP>::TS + c] = f(v[j], d < p.dim && t0 + t < p.seqlen, d);
+    }
   }
 };
 
 // Stores tile[t][c] into a contiguous (batch, dim, seqlen) tensor.
 template <typename T, int NP>
 __device__ __forceinline__ void store_tile(const Params& p, void* dst, const float* tile, int b, int t0) {
-  using TI = TileIdx<NP>;
-  const int tt = t0 + TI::t();
-  if (tt >= p.seqlen) return;
-  T* ptr = static_cast<T*>(dst) + ((size_t)b * p.dim + TI::d(0)) * p.seqlen + tt;
-  const size_t step = (size_t)TI::kCStep * p.seqlen;
+  using M = TileMap<T, NP>;
+  T* base = static_cast<T*>(dst) + (size_t)b * p.dim * p.seqlen;
+  if (p.vec_io) {
 #pragma unroll
-  for (int j = 0; j < TI::kPer; ++j) {
-    if (TI::d(j) < p.dim) Cvt<T>::st(ptr, tile[TI::t() * Geo<NP>::TS + TI::c(j)]);
-    ptr += step;
+    for (int k = 0; k < M::kVecs; ++k) {
+      const int j = k * M::kV;
+      const int c = M::c(true, j), t = M::t(true, j), d = blockIdx.x * Geo<NP>::CPB + c;
+      if (d >= p.dim || t0 + t >= p.seqlen) continue;
+      float tmp[M::kV];
+#pragma unroll
+      for (int i = 0; i < M::kV; ++i) tmp[i] = tile[(t + i) * Geo<NP>::TS + c];
+      Vec<T, M::kV>::store(base + (size_t)d * p.seqlen + t0 + t, tmp);
+    }
+  } else {
+    const int tt = t0 + M::t(false, 0);
+    if (tt >= p.seqlen) return;
+    T* ptr = base + (size_t)M::d(false, 0) * p.seqlen + tt;
+    const size_t step = (size_t)M::kCStep * p.seqlen;
+#pragma unroll
+    for (int j = 0; j < M::kPer; ++j) {
+      if (M::d(false, j) < p.dim) Cvt<T>::st(ptr, tile[M::t(false, 0) * Geo<NP>::TS + M::c(false, j)]);
+      ptr += step;
+    }
   }
 }
 
@@ -154,23 +223,55 @@ template <typename T, int NP>
 struct BCRegs {
   static constexpr int kNStep = kThreads / kChunk;
   static constexpr int kPer = NP * kChunk / kThreads;
+  static constexpr int kV0 = 16 / (int)sizeof(T);
+  static constexpr int kV = kV0 < kPer ? kV0 : kPer;
+  static constexpr int kVPR = kChunk / kV;
+  static constexpr int kVecs = kPer / kV;
   float v[kPer];
   __device__ __forceinline__ void load(const Params& p, const void* src, int b, int t0) {
-    const int t = threadIdx.x % kChunk, tt = t0 + t;
-    const int n0 = threadIdx.x / kChunk;
-    const bool tvalid = tt < p.seqlen;
-    const T* ptr = static_cast<const T*>(src) + ((size_t)b * p.dstate + n0) * p.seqlen + tt;
-    const size_t step = (size_t)kNStep * p.seqlen;
+    const T* base = static_cast<const T*>(src) + (size_t)b * p.dstate * p.seqlen;
+    if (p.vec_io) {
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) {
-      v[j] = (tvalid && n0 + j * kNStep < p.dstate) ? Cvt<T>::ld(ptr) : 0.f;
-      ptr += step;
+      for (int k = 0; k < kVecs; ++k) {
+        const int vi = threadIdx.x + k * kThreads;
+        const int n = vi / kVPR, tt = t0 + (vi % kVPR) * kV;
+        float tmp[kV];
+        if (n < p.dstate && tt < p.seqlen) {
+          Vec<T, kV>::load(base + (size_t)n * p.seqlen + tt, tmp);
+        } else {
+#pragma unroll
+          for (int i = 0; i < kV; ++i) tmp[i] = 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < kV; ++i) v[k * kV + i] = tmp[i];
+      }
+    } else {
+      const int t = threadIdx.x % kChunk, tt = t0 + t;
+      const int n0 = threadIdx.x / kChunk;
+      const bool tvalid = tt < p.seqlen;
+      const T* ptr = base + (size_t)n0 * p.seqlen + tt;
+      const size_t step = (size_t)kNStep * p.seqlen;
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        v[j] = (tvalid && n0 + j * kNStep < p.dstate) ? Cvt<T>::ld(ptr) : 0.f;
+        ptr += step;
+      }
     }
   }
-  __device__ __forceinline__ void store(float* tile) const {
-    const int t = threadIdx.x % kChunk, n0 = threadIdx.x / kChunk;
+  __device__ __forceinline__ void store(const Params& p, float* tile) const {
+    if (p.vec_io) {
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) tile[t * Geo<NP>::BS + n0 + j * kNStep] = v[j];
+      for (int k = 0; k < kVecs; ++k) {
+        const int vi = threadIdx.x + k * kThreads;
+        const int n = vi / kVPR, t = (vi % kVPR) * kV;
+#pragma unroll
+        for (int i = 0; i < kV; ++i) tile[(t + i) * Geo<NP>::BS + n] = v[k * kV + i];
+      }
+    } else {
+      const int t = threadIdx.x % kChunk, n0 = threadIdx.x / kChunk;
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) tile[t * Geo<NP>::BS + n0 + j * kNStep] = v[j];
+    }
   }
 };
 

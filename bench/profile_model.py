@@ -1,0 +1,89 @@
+"""Where a SegMamba training step spends its GPU time (torch.profiler), grouped into categories.
+
+Batch 2 x 4 x 128^3, fp16 autocast, SGD step. Prints the top CUDA kernels and a category table; writes JSON.
+
+    python bench/profile_model.py --out profile_model.json
+"""
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CATEGORIES = [  # first match wins; matched against the lower-cased kernel name
+    ("selective scan", ("selective_scan", "fwd_local", "fwd_out", "bwd_local", "bwd_main", "carry_")),
+    ("causal conv1d", ("conv_fwd_kernel", "conv_bwd_kernel")),
+    ("conv3d (cuDNN)", ("conv", "cudnn", "implicit", "sm90_xmma", "xmma", "cutlass", "wgrad", "dgrad", "fprop")),
+    ("instance/layer norm", ("norm", "welford", "batch_norm")),
+    ("gemm (linear)", ("gemm", "sm90", "ampere", "cublas")),
+    ("copy / layout", ("copy", "transpose", "cat", "flip", "permute", "elementwise_kernel_with_index", "index")),
+    ("reductions", ("reduce",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+]
+
+
+def categorize(name):
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="profile_model.json")
+    ap.add_argument("--size", type=int, default=128)
+    args = ap.parse_args()
+    from model_segmamba import SegMamba
+    torch.backends.cudnn.benchmark = True
+    model = SegMamba(4, 4).cuda().train()
+    s = args.size
+    x = torch.randn(2, 4, s, s, s, device="cuda")
+    y = torch.randint(0, 4, (2, s, s, s), device="cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+    scaler = torch.amp.GradScaler("cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    steps = 3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    per_kernel = defaultdict(float)
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[evt.name] += evt.device_time_total / 1000.0 / steps  # ms per step
+    total = sum(per_kernel.values())
+    per_cat = defaultdict(float)
+    for name, ms in per_kernel.items():
+        per_cat[categorize(name)] += ms
+    print(f"GPU time per training step (kernel sum): {total:.1f} ms")
+    for cat, ms in sorted(per_cat.items(), key=lambda kv: -kv[1]):
+        print(f"  {cat:<22}{ms:8.1f} ms {100 * ms / total:5.1f}%")
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
+    print("top kernels:")
+    for name, ms in top:
+        print(f"  {ms:7.2f} ms  {categorize(name):<20} {name[:110]}")
+    with open(args.out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "total_ms": total, "categories": per_cat,
+                   "top": top}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
