@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 from tqdm.auto import tqdm
 
-LOGGER_NAME = "light_training"
+LOGGER_NAME = "light_training.training"  # a leaf logger: its settings never affect other modules' loggers
 
 
 class _TqdmHandler(logging.StreamHandler):

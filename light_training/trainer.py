@@ -286,13 +286,22 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.float16 if self.config.amp_dtype == "fp16" else torch.bfloat16)
         return nullcontext()
 
-    def _configure_determinism(self) -> None:
+    def _configure_determinism(self) -> Callable[[], None]:
+        """Apply the determinism settings; returns a function restoring the previous global settings."""
+        previous = (torch.are_deterministic_algorithms_enabled(),
+                    torch.is_deterministic_algorithms_warn_only_enabled(),
+                    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
         if self.config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+
+        def restore() -> None:
+            torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]
+        return restore
 
     def _wrap_distributed(self) -> None:
         if self.context.is_distributed and not isinstance(self.network, torch.nn.parallel.DistributedDataParallel):
@@ -388,12 +397,12 @@ class Trainer:
         elif latest.is_file() and not overwrite:
             raise TrainingSetupError(f"{latest} already exists (a previous run in {self.logdir}); pass --resume "
                                      "to continue it, --overwrite to start again, or choose another --logdir")
-        self._configure_determinism()
         self._wrap_distributed()
         # opened before the per-epoch seeding: a DataLoader draws its base seed from torch's RNG when iterated
         self._batch_iterator = iter(self._open_batches())
         self._open_tensorboard()
         self._log_start()
+        restore_determinism = self._configure_determinism()
         try:
             for epoch in range(self.epoch + 1, self.config.max_epochs):
                 self._train_epoch(epoch)
@@ -407,6 +416,7 @@ class Trainer:
                     self.save_checkpoint(FINAL_CHECKPOINT)
                 self.on_epoch_end(epoch)
         finally:
+            restore_determinism()
             if self.writer is not None:
                 self.writer.flush()
         self.logger.info(f"training finished after epoch {self.epoch + 1}; best {self.config.selection_key} "
