@@ -111,3 +111,23 @@ def test_anisotropic_spacing_is_reported_and_target_spacing_resamples(tmp_path, 
     cropped_z = props["shape_after_cropping_before_resample"][0]
     assert props["shape_after_resample"][0] == 2 * cropped_z  # z spacing 1.0 mm -> 0.5 mm
     assert props["target_spacing_zyx"] == [0.5, 0.5, 0.5]
+
+
+def test_demo_generator_writes_the_raw_layout_with_hypoechoic_lesions_and_lesion_free_cases(tmp_path):
+    make_raw(tmp_path / "raw", num_cases=5, without=2, spacing=(0.6, 0.6, 0.6))
+    images = sorted((tmp_path / "raw" / "data").glob("*/DATA/DATA_*.nrrd"), key=lambda p: p.name)
+    assert [p.name for p in images] == [f"DATA_{i:03d}.nrrd" for i in range(5)]
+    lesion_free = 0
+    for path in images:
+        image, geometry = read_image(str(path))
+        mask, mask_geometry = read_image(str(path).replace("DATA", "MASK"))
+        assert image.dtype == np.uint8 and image.shape == SHAPE and mask.shape == SHAPE
+        assert geometry.spacing_xyz == pytest.approx((0.6, 0.6, 0.6)) and not geometry.differences(mask_geometry)
+        assert set(np.unique(mask).tolist()) <= {0, 255}
+        assert (image == 0).any() and (image > 0).mean() > 0.5  # an unscanned zero border around the scan
+        if not mask.any():
+            lesion_free += 1
+            continue
+        tissue = (mask == 0) & (image > 0)
+        assert image[mask > 0].mean() < 0.5 * image[tissue].mean()  # lesions are hypo-echoic
+    assert lesion_free == 2

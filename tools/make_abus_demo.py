@@ -136,6 +136,102 @@ def generate(root: str, num_cases: int = NUM_CASES, num_without_lesion: int = NU
     return written
 
 
+# ------------------------------------------------------------------------------- steps of run_demo.py
+# Sized for a 2-core CPU (a few minutes); a GPU runs the same settings faster.
+DEMO_CASES, DEMO_WITHOUT_LESION = 10, 2          # 8 lesion cases: 6 train / 1 val / 1 test
+DEMO_PATCH = (32, 32, 32)
+DEMO_MODEL = ["--depths", "2", "2", "2", "2", "--feat_size", "8", "16", "32", "64", "--hidden_size", "64"]
+DEMO_SEG_EPOCHS, DEMO_SEG_ITERATIONS = 3, 6
+DEMO_RETINA_EPOCHS, DEMO_RETINA_ITERATIONS = 3, 8
+
+
+def demo_paths(workspace) -> dict:
+    """Where the ABUS demo writes (all inside ``<workspace>/abus``)."""
+    root = os.path.join(str(workspace), "abus")
+    return {"root": root, "raw": os.path.join(root, "raw_data", "ABUS"), "data": os.path.join(root, "data", "abus"),
+            "seg_logs": os.path.join(root, "logs", "segmamba_abus"),
+            "retina_logs": os.path.join(root, "logs", "segmamba_abus_retina"),
+            "predictions": os.path.join(root, "prediction_results")}
+
+
+def demo_steps(settings, step_type) -> list:
+    """The ABUS pipeline 1 → 5 (+ the Seg → Box baseline) as ``run_demo.py`` steps.
+
+    Args:
+        settings: run_demo's settings (``workspace``, ``device``, ``python``, ``num_workers``, ``show_progress``).
+        step_type: run_demo's step class, called as ``step_type(title, command, outputs=[...])``.
+    """
+    paths = demo_paths(settings.workspace)
+    py, device = settings.python, settings.device
+    quiet = [] if settings.show_progress else ["--no_progress"]
+    patch = ["--patch_size", *[str(p) for p in DEMO_PATCH]]
+    data = paths["data"]
+    split_info = os.path.join(data, "split_info.json")
+    retina_pred = os.path.join(paths["predictions"], "segmamba_abus_retina")
+    seg_box = os.path.join(paths["predictions"], "segmamba_abus_seg_box")
+    return [
+        step_type("ABUS: synthetic raw data", [py, "tools/make_abus_demo.py", "--output_root", paths["raw"],
+                                               "--num_cases", str(DEMO_CASES),
+                                               "--num_without_lesion", str(DEMO_WITHOUT_LESION), "--quiet"]),
+        step_type("ABUS 1: preprocessing", [py, "abus_preprocessing.py", "--abus_root", paths["raw"],
+                                            "--output_base", data, "--num_processes", "2", *quiet],
+                  outputs=[os.path.join(data, "split_info.txt")]),
+        step_type("ABUS 2: segmentation training", [
+            py, "abus_train.py", "--data_dir_train", os.path.join(data, "train"), "--data_dir_val",
+            os.path.join(data, "val"), "--logdir", paths["seg_logs"], "--max_epoch", str(DEMO_SEG_EPOCHS),
+            "--iterations_per_epoch", str(DEMO_SEG_ITERATIONS), "--val_every", str(DEMO_SEG_EPOCHS),
+            "--num_workers", str(settings.num_workers), "--device", device, *patch, *DEMO_MODEL, *quiet],
+            outputs=[os.path.join(paths["seg_logs"], "progress.png")]),
+        step_type("ABUS 3: SegMamba-Retina training (frozen backbone)", [
+            py, "abus_retina_train.py", "--data_dir_train", os.path.join(data, "train"), "--data_dir_val",
+            os.path.join(data, "val"), "--pretrained_seg", os.path.join(paths["seg_logs"], "model", "best_model.pt"),
+            "--freeze_backbone", "--full_volume_val", "--save_dir", paths["retina_logs"],
+            "--max_epoch", str(DEMO_RETINA_EPOCHS), "--iterations_per_epoch", str(DEMO_RETINA_ITERATIONS),
+            "--val_every", str(DEMO_RETINA_EPOCHS), "--det_warmup_epochs", "1", "--lr", "1e-3",
+            "--fpn_channels", "32", "--num_head_convs", "2", "--num_workers", str(settings.num_workers),
+            "--device", device, *patch, *quiet],
+            outputs=[os.path.join(paths["retina_logs"], "progress.png")]),
+        step_type("ABUS 4: detection + segmentation of the test cases", [
+            py, "abus_retina_predict.py", "--model_path", os.path.join(paths["retina_logs"], "model", "best_model.pt"),
+            "--data_dir_test", os.path.join(data, "test"), "--save_path", retina_pred, "--save_seg",
+            "--device", device, *quiet], outputs=[os.path.join(retina_pred, "detections.json")]),
+        step_type("ABUS 5a: segmentation metrics", [
+            py, "abus_compute_metrics.py", "--pred_name", "segmamba_abus_retina", "--split_info", split_info,
+            "--results_root", paths["predictions"], *quiet],
+            outputs=[os.path.join(paths["predictions"], "result_metrics", "segmamba_abus_retina.csv")]),
+        step_type("ABUS 5b: detection metrics", [
+            py, "abus_det_compute_metrics.py", "--pred_file", os.path.join(retina_pred, "detections.json"),
+            "--split_info", split_info, *quiet], outputs=[os.path.join(retina_pred, "metrics", "froc.png")]),
+        step_type("ABUS baseline: Seg -> Box", [
+            py, "abus_seg_box_eval.py", "--model_path", os.path.join(paths["seg_logs"], "model", "best_model.pt"),
+            "--data_dir_test", os.path.join(data, "test"), "--pred_dir", seg_box, "--split_info", split_info,
+            "--device", device, *patch, *quiet], outputs=[os.path.join(seg_box, "seg_box_metrics", "detection_metrics.json")]),
+    ]
+
+
+def demo_report(settings) -> str:
+    """Both metric summaries of the ABUS demo (segmentation and detection, detector vs Seg → Box)."""
+    import json
+
+    paths = demo_paths(settings.workspace)
+    with open(os.path.join(paths["predictions"], "result_metrics", "segmamba_abus_retina.json"), encoding="utf-8") as f:
+        seg = json.load(f)
+    lines = [f"ABUS test split ({seg['num_cases']} case(s)), SegMamba-Retina masks: Dice "
+             f"{seg['summary']['dice']['mean']:.4f}, HD95 {seg['summary']['hd95_mm']['mean']:.2f} mm, "
+             f"HD {seg['summary']['hausdorff_mm']['mean']:.2f} mm"]
+    for title, path in (("SegMamba-Retina", os.path.join(paths["predictions"], "segmamba_abus_retina", "metrics")),
+                        ("Seg -> Box", os.path.join(paths["predictions"], "segmamba_abus_seg_box", "seg_box_metrics"))):
+        with open(os.path.join(path, "detection_metrics.json"), encoding="utf-8") as f:
+            summary = json.load(f)["summary"]
+        show = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        lines.append(f"{title:<16} AP@0.1 {show(summary['AP']['0.1'])}  AP@0.25 {show(summary['AP']['0.25'])}  "
+                     f"mAP {show(summary['mAP'])}  FROC@0.3 {show(summary['FROC']['0.3']['score'])}  "
+                     f"FROC@0.1 {show(summary['FROC']['0.1']['score'])}  "
+                     f"recall@0.25 {show(summary['lesion_recall']['0.25'])}  ({summary['num_predictions']} boxes)")
+    lines.append(f"FROC curve: {os.path.join(paths['predictions'], 'segmamba_abus_retina', 'metrics', 'froc.png')}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
