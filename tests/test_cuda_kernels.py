@@ -205,3 +205,21 @@ def test_mamba_block_kernel_path_matches_pytorch_path():
     assert rel(gx, x64.grad) <= 1e-4
     for k, p in blk64.named_parameters():
         assert rel(grads[k], p.grad) <= 1e-4, k
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mamba_block_under_autocast_matches_float32_within_half_precision(dtype):
+    from mamba_ssm import Mamba
+    torch.manual_seed(0)
+    blk = Mamba(d_model=48).to(DEV)
+    x = torch.randn(2, 8 * 8 * 8, 48, device=DEV, requires_grad=True)
+    with torch.autocast("cuda", dtype=dtype):
+        y = blk(x, grid=(8, 8, 8))
+    y.float().sum().backward()
+    g_amp = x.grad.clone()
+    x.grad = None
+    y32 = blk(x, grid=(8, 8, 8))
+    y32.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(g_amp).all()
+    assert rel(y.float(), y32.double()) <= 3e-2
+    assert rel(g_amp, x.grad.double()) <= 3e-2
