@@ -52,7 +52,14 @@ def surface_distance_metrics(pred: np.ndarray, gt: np.ndarray, spacing_zyx, pena
               "hd95_mm": hd95(pred, gt, spacing_zyx, empty="brats", penalty=penalty),
               "gt_voxels": int(gt.sum()), "pred_voxels": int(pred.sum())}
     if pred.any() and gt.any():
-        result["hausdorff_mm"] = float(hd(pred, gt, voxelspacing=[float(s) for s in spacing_zyx], connectivity=1))
+        # Surfaces lie inside the union's bounding box (+1 voxel keeps the border erosion unchanged), so the
+        # distance transforms can run on that box instead of the whole ultrasound volume.
+        union = np.argwhere(pred | gt)
+        lower = np.maximum(union.min(axis=0) - 1, 0)
+        upper = np.minimum(union.max(axis=0) + 2, pred.shape)
+        box = tuple(slice(lo, hi) for lo, hi in zip(lower, upper))
+        result["hausdorff_mm"] = float(hd(pred[box], gt[box], voxelspacing=[float(s) for s in spacing_zyx],
+                                          connectivity=1))
     else:
         result["hausdorff_mm"] = 0.0 if not pred.any() and not gt.any() else float(penalty)
     return result

@@ -156,6 +156,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             parameter.requires_grad_(False)
         if args.freeze_backbone:
             freeze_backbone(model)
+        elif args.seg_weight <= 0:
+            # Without a segmentation loss the decoder and segmentation head cannot learn; freezing them keeps
+            # them out of AdamW's weight decay and DDP from waiting for their gradients.
+            for name, parameter in model.named_parameters():
+                if name.startswith(("encoder", "decoder", "seg_out.")):
+                    parameter.requires_grad_(False)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         train_set = CaseDataset.from_folder(args.data_dir_train, cache_arrays=True)
         val_set = CaseDataset.from_folder(args.data_dir_val, cache_arrays=True)
@@ -190,7 +196,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         trainer = RetinaTrainer(model, config, batches, loss, validator=validator, context=context,
                                 model_config=model.model_config(), seg_weight=args.seg_weight,
                                 det_weight=args.det_weight, det_warmup_epochs=args.det_warmup_epochs,
-                                train_segmentation=not args.freeze_backbone,
+                                train_segmentation=not args.freeze_backbone and args.seg_weight > 0,
                                 inference_settings={"patch_size": list(patch), "overlap": args.overlap,
                                                     "score_threshold": args.score_threshold,
                                                     "nms_threshold": args.nms_threshold,

@@ -213,7 +213,7 @@ def nms_3d(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
     _check_boxes(boxes)
     if scores.ndim != 1 or scores.shape[0] != boxes.shape[0]:
         raise ValueError(f"scores must have shape ({boxes.shape[0]},), got {tuple(scores.shape)}")
-    if boxes.shape[0] == 0:
+    if boxes.shape[0] == 0 or (max_detections is not None and max_detections <= 0):
         return torch.empty(0, dtype=torch.long, device=boxes.device)
     order = torch.argsort(scores, descending=True, stable=True)
     if pre_nms_top_k is not None and pre_nms_top_k > 0:

@@ -137,3 +137,18 @@ def test_metric_scripts_list_missing_predictions_and_refuse_foreign_detection_fi
     assert abus_det_compute_metrics.main(["--pred_file", str(foreign), "--split_info", split_info,
                                           "--no_progress"]) == 1
     assert "detections.json" in capsys.readouterr().err
+
+
+def test_segmentation_metrics_of_shifted_cubes_match_medpy_on_the_full_volume_and_the_hand_value():
+    from medpy.metric.binary import hd as medpy_hd
+
+    gt = np.zeros((20, 24, 40), dtype=bool)
+    gt[4:10, 5:11, 6:12] = True
+    pred = np.roll(gt, 3, axis=2)  # shifted by 3 voxels along x
+    spacing_zyx = (2.0, 1.0, 0.5)
+    metrics = abus_compute_metrics.surface_distance_metrics(pred, gt, spacing_zyx)
+    assert metrics["hausdorff_mm"] == pytest.approx(1.5)  # 3 voxels x 0.5 mm
+    assert metrics["hausdorff_mm"] == pytest.approx(medpy_hd(pred, gt, voxelspacing=spacing_zyx))
+    assert metrics["dice"] == pytest.approx(2 * 6 * 6 * 3 / (2 * 216))
+    assert abus_compute_metrics.surface_distance_metrics(np.zeros_like(gt), np.zeros_like(gt), spacing_zyx) == \
+        {"dice": 1.0, "hd95_mm": 0.0, "hausdorff_mm": 0.0, "gt_voxels": 0, "pred_voxels": 0}
