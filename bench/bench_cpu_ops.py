@@ -7,8 +7,9 @@ Mamba block. Each case runs in a fresh subprocess so that its peak RSS is its ow
     python bench/bench_cpu_ops.py                 # forward and forward+backward at the stage-0 shape
     python bench/bench_cpu_ops.py --length 32768  # a smaller sequence
     python bench/bench_cpu_ops.py --case scan_fwd --repeats 3
+    python bench/bench_cpu_ops.py --case model_fwd  # SegMamba(4 -> 4) forward on a 1x4x64^3 input
 
-Goal on a 2-core CPU: stage-0 scan forward <= 3 s with peak memory <= 6 GiB.
+Goal on a 2-core CPU: stage-0 scan forward <= 3 s and a 1x4x64^3 SegMamba forward <= 20 s, peak memory <= 6 GiB.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import time
 
-CASES = ("scan_fwd", "scan_fwd_bwd", "conv_fwd")
+CASES = ("scan_fwd", "scan_fwd_bwd", "conv_fwd", "model_fwd")
 
 
 def _make_inputs(args, requires_grad: bool):
@@ -53,7 +54,19 @@ def _run_case(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     times, cpu_times = [], []
-    if args.case == "conv_fwd":
+    if args.case == "model_fwd":
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from model_segmamba import SegMamba
+        torch.manual_seed(0)
+        model = SegMamba(in_chans=4, out_chans=4).eval()
+        x = torch.randn(1, 4, 64, 64, 64)
+        for _ in range(args.repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            with torch.no_grad():
+                model(x)
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
+    elif args.case == "conv_fwd":
         x = torch.randn(args.batch, args.dim, args.length)
         w = torch.randn(args.dim, 4)
         bias = torch.randn(args.dim)
