@@ -162,6 +162,24 @@ PIPELINES: Dict[str, Callable[[DemoSettings], List[DemoStep]]] = {"brats": brats
 PIPELINE_REPORTS: Dict[str, Callable[[DemoSettings], str]] = {"brats": brats_report}
 
 
+# ------------------------------------------------------------------------------------------------ ABUS
+def abus_steps(settings: DemoSettings) -> List[DemoStep]:
+    """The ABUS pipeline 1 -> 5 plus the Seg -> Box baseline on synthetic ultrasound volumes (the steps and
+    their sizes live in tools/make_abus_demo.py)."""
+    from tools.make_abus_demo import demo_steps
+    return demo_steps(settings, DemoStep)
+
+
+def abus_report(settings: DemoSettings) -> str:
+    """Segmentation and detection summaries of the ABUS test split (detector vs Seg -> Box)."""
+    from tools.make_abus_demo import demo_report
+    return demo_report(settings)
+
+
+PIPELINES["abus"] = abus_steps
+PIPELINE_REPORTS["abus"] = abus_report
+
+
 def _cuda_available() -> bool:
     try:
         import torch
