@@ -201,7 +201,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                     "score_threshold": args.score_threshold,
                                                     "nms_threshold": args.nms_threshold,
                                                     "freeze_backbone": args.freeze_backbone,
-                                                    "pretrained_seg": args.pretrained_seg})
+                                                    "pretrained_seg": args.pretrained_seg},
+                                run_settings={key: (list(value) if isinstance(value, tuple) else value)
+                                              for key, value in vars(args).items()})
         trainer.logger.info(f"SegMamba-Retina: {sum(p.numel() for p in model.parameters()):,} parameters, "
                             f"{trainable:,} trainable{' (backbone frozen)' if args.freeze_backbone else ''}; "
                             f"{len(train_set)} training / {len(val_set)} validation cases; {iterations} iterations "

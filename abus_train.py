@@ -142,8 +142,10 @@ def train(args: argparse.Namespace, context) -> int:
                            val_every=args.val_every, learning_rate=args.lr, amp_dtype=args.amp, seed=args.seed,
                            deterministic=args.deterministic, selection_key="mean_dice",
                            progress_bar=not args.no_progress)
+    # Kept in the checkpoint: abus_seg_box_eval.py takes the training patch as its window from here.
+    run_settings = {key: (list(value) if isinstance(value, tuple) else value) for key, value in vars(args).items()}
     trainer = Trainer(model, config, batches, loss_fn=SegmentationLoss("dice_ce"), validator=validator,
-                      context=context, model_config=model_config)
+                      context=context, model_config=model_config, run_settings=run_settings)
     result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
     trainer.close()
     say(f"done: best lesion Dice {result.best_metric:.4f} at epoch {result.best_epoch + 1}; checkpoints: "

@@ -244,14 +244,16 @@ class RetinaTrainer(Trainer):
         seg_weight, det_weight: loss weights.
         det_warmup_epochs: linear ramp of the detection weight over the first epochs (0 = none).
         train_segmentation: run the segmentation branch and its loss (False with a frozen backbone).
-        inference_settings: stored in checkpoints so prediction uses the training window.
+        inference_settings: stored in checkpoints (key ``inference``) so prediction uses the training window.
+        run_settings: the script's flags, stored for provenance (key ``run_settings``).
     """
 
     def __init__(self, model: torch.nn.Module, config, train_data,
                  detection_loss: RetinaDetectionLoss, validator: Optional[RetinaValidator] = None,
                  context=None, model_config: Optional[Dict[str, Any]] = None, seg_weight: float = 1.0,
                  det_weight: float = 1.0, det_warmup_epochs: int = 50, train_segmentation: bool = True,
-                 inference_settings: Optional[Dict[str, Any]] = None) -> None:
+                 inference_settings: Optional[Dict[str, Any]] = None,
+                 run_settings: Optional[Dict[str, Any]] = None) -> None:
         self.detection_loss = detection_loss
         self.seg_weight = float(seg_weight)
         self.det_weight = float(det_weight)
@@ -259,7 +261,7 @@ class RetinaTrainer(Trainer):
         self.train_segmentation = bool(train_segmentation)
         self.inference_settings = dict(inference_settings or {})
         super().__init__(model, config, train_data, loss_fn=SegmentationLoss("dice_ce"), validator=validator,
-                         context=context, model_config=model_config)
+                         context=context, model_config=model_config, run_settings=run_settings)
 
     def build_optimizer(self, parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
         """AdamW over the parameters that train (a frozen backbone is left out)."""

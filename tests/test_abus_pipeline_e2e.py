@@ -106,6 +106,8 @@ def test_checkpoints_store_the_architecture_so_prediction_rebuilds_the_trained_m
     assert checkpoint["inference"]["patch_size"] == [32, 32, 32]
     assert checkpoint["config"]["selection_key"] == "froc_iou0.3"  # frozen backbone: detection metric
     seg = torch.load(pipeline["seg_log"] / "model" / "best_model.pt", weights_only=True)
+    assert seg["run_settings"]["patch_size"] == [32, 32, 32]  # the Seg -> Box script's default window
+    assert checkpoint["run_settings"]["freeze_backbone"] is True
     backbone = {k: v for k, v in seg["model"].items() if k.startswith("vit.")}
     for key, value in backbone.items():  # frozen backbone really stayed the pretrained one
         assert torch.equal(checkpoint["model"][key], value), key
