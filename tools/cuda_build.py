@@ -18,8 +18,12 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relax
 def cuda_extension_plan(pkg, ext_name, sources, include_dir):
     """Return ``(ext_modules, cmdclass)`` for ``setup()``; ``([], {})`` when the build is skipped."""
 
+    # pip runs setup.py once for metadata and once to build; only the build run reports the decision.
+    metadata_only = any(cmd in sys.argv for cmd in ("egg_info", "dist_info"))
+
     def say(msg):
-        print(f"[{pkg} setup] {msg}", file=sys.stderr)
+        if not metadata_only:
+            print(f"[{pkg} setup] {msg}", file=sys.stderr)
 
     if os.environ.get("SEGMAMBA_SKIP_CUDA_BUILD", "0") == "1":
         say("SEGMAMBA_SKIP_CUDA_BUILD=1: CUDA kernels not built; the PyTorch implementation will be used.")
