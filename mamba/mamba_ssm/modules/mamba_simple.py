@@ -148,7 +148,11 @@ class Mamba(nn.Module):
             raise ValueError(f"Mamba.forward: hidden_states must be (batch, L, d_model={self.d_model}); "
                              f"got {tuple(hidden_states.shape)}")
         grid = self.resolve_grid(hidden_states.shape[1], grid)
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, L); x | z along channels
+        # (B, 2*d_inner, L) produced contiguous by the GEMM itself, so the x and z halves are row-contiguous
+        # channel slices that the kernels read in place (a transposed in_proj output would need copies).
+        xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None]
         out_forward = self._scan_direction(xz, self.direction_params(""))
         out_reverse = self._scan_direction(reverse_order(xz), self.direction_params("_b"))
         out_slice = self._scan_direction(slice_order(xz, grid), self.direction_params("_s"))
