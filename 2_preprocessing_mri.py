@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 
+from light_training.io import sanitize_case_name
 from light_training.preprocessing import (PreprocessingConfig, PreprocessingError, RawCase, dataset_summary,
                                           format_summary_table, preprocess_cases)
 from light_training.utils.files import save_json_atomic
@@ -42,6 +43,11 @@ def find_cases(data_dir: str, modalities: list[str], seg_name: str) -> tuple[lis
     for name in sorted(os.listdir(data_dir)):
         folder = os.path.join(data_dir, name)
         if not os.path.isdir(folder) or name.startswith("."):
+            continue
+        try:
+            sanitize_case_name(name)  # the name becomes NAME.npz/NAME.json in the output folder
+        except ValueError as error:
+            problems[name] = f"{folder}: unusable case folder name: {error}"
             continue
         images = [os.path.join(folder, f"{m}.nii.gz") for m in modalities]
         seg = os.path.join(folder, seg_name)

@@ -11,8 +11,11 @@ The model is built from the settings stored in the checkpoint (feature sizes, ch
 A bare reference state dict also loads (then --feat_size/--depths/--hidden_size describe it).
 Finished cases are skipped unless --overwrite; a per-case Dice (TC/WT/ET, preprocessed grid) is printed.
 
-Exit codes: 0 every case written; 1 nothing could be done (message printed); 2 bad settings; 3 some cases
-failed (listed at the end).
+A case whose files are missing, unreadable or hold NaN/Inf fails with the file named; the others are still
+written and the failures are listed at the end (``--strict`` stops at the first one instead).
+
+Exit codes: 0 every case written; 1 nothing could be done, or --strict and a case failed (message printed);
+2 bad settings; 3 some cases failed (listed at the end).
 """
 from __future__ import annotations
 
@@ -63,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--feat_size", type=int, nargs=4, default=list(FEAT_SIZE), help="architecture of a bare state-dict checkpoint")
     add("--hidden_size", type=int, default=HIDDEN_SIZE, help="architecture of a bare state-dict checkpoint")
     add("--overwrite", action="store_true", help="predict cases whose output already exists")
+    add("--strict", action="store_true", help="stop at the first failing case (exit code 1)")
     add("--no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from light_training.distributed import DeviceRequestError, resolve_device
     from light_training.evaluation import brats_validation_dice
-    from light_training.io import ImageGeometry, load_case, sanitize_case_name, write_image
+    from light_training.io import ImageGeometry, check_finite_input, load_case, sanitize_case_name, write_image
     from light_training.prediction import SlidingWindowConfig, SlidingWindowPredictor, predict_case
     from light_training.splits import load_splits
     from model_segmamba import read_checkpoint
@@ -119,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     if not names:
         print(f"error: {args.splits}: the {args.split!r} split is empty", file=sys.stderr)
         return EXIT_NOTHING
+    if not os.path.isdir(args.data_dir):
+        print(f"error: {args.data_dir}: preprocessed data directory not found", file=sys.stderr)
+        return EXIT_NOTHING
     model = model.to(device)
     trained = checkpoint.get("run_settings", {}) or {}
     epoch = checkpoint.get("epoch")
@@ -140,9 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             if os.path.isfile(output) and not args.overwrite:
                 skipped.append(name)
                 continue
-            data, seg, properties = load_case(os.path.join(args.data_dir, f"{name}.npz"))
+            case_path = os.path.join(args.data_dir, f"{name}.npz")
+            data, seg, properties = load_case(case_path)
+            check_finite_input(data, case_path)
             if data.shape[0] != model_config.get("in_chans", IN_CHANNELS):
-                raise ValueError(f"{name}: {data.shape[0]} channels, the model expects {model_config.get('in_chans')}")
+                raise ValueError(f"{case_path}: {data.shape[0]} channels, the model expects "
+                                 f"{model_config.get('in_chans', IN_CHANNELS)}")
             prediction = predict_case(predictor, model, data, properties)
             geometry = ImageGeometry.from_dict(properties)
             raw_shape = tuple(reversed(properties.get("raw_size_xyz", prediction.labels_original.shape[::-1])))
@@ -156,9 +166,14 @@ def main(argv: list[str] | None = None) -> int:
                 scores.append(dice)
                 tqdm.write(f"{name}: Dice TC {dice['tc']:.4f}  WT {dice['wt']:.4f}  ET {dice['et']:.4f}  "
                            f"(preprocessed grid)")
-        except (OSError, ValueError, KeyError, RuntimeError) as error:
+        except Exception as error:  # one bad case must not cost the others; the message names the file
             failed[name] = f"{type(error).__name__}: {error}"
+            if isinstance(error, KeyError):
+                failed[name] = f"{os.path.join(args.data_dir, name + '.json')}: property {error} missing"
             tqdm.write(f"{name}: FAILED: {error}")
+            if args.strict:
+                print(f"error: {name}: {failed[name]}; stopped at the first failing case (--strict)", file=sys.stderr)
+                return EXIT_NOTHING
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -12,7 +12,8 @@ TC (1|3), WT (1|2|3) and ET (3), under both empty-mask conventions:
 
 Writes ``PREDICTION_ROOT/result_metrics/<pred_name>.csv`` (one row per case) and ``.json`` (summary) and
 prints mean ± std. Missing predictions are listed (not silently skipped). Exit codes: 0 all test cases
-evaluated; 3 some were missing or failed (still written and summarised); 1 nothing could be evaluated.
+evaluated; 3 some were missing or failed (listed at the end; the rest is written and summarised); 1 stopped:
+nothing could be evaluated, or --strict and a case was missing or failed (nothing written); 2 bad settings.
 """
 from __future__ import annotations
 
@@ -22,11 +23,10 @@ import io
 import os
 import sys
 
-import numpy as np
 
 from light_training.evaluation import (BRATS_HD95_PENALTY, CONVENTIONS, REFERENCE_HD95_PENALTY, REGION_NAMES,
                                        brats_case_metrics, format_summary, summarize)
-from light_training.io import read_image
+from light_training.io import read_label_image, sanitize_case_name
 from light_training.splits import load_or_create_splits
 from light_training.utils.files import atomic_path, save_json_atomic
 
@@ -39,7 +39,7 @@ SPLIT = "test"
 SEG_NAME = "seg.nii.gz"
 LABELS = (0, 1, 2, 3)
 
-EXIT_OK, EXIT_NOTHING, EXIT_INCOMPLETE = 0, 1, 3
+EXIT_OK, EXIT_NOTHING, EXIT_BAD_SETTINGS, EXIT_INCOMPLETE = 0, 1, 2, 3
 
 CSV_METRICS = [f"{region}_{metric}_{convention}" for region in REGION_NAMES for convention in CONVENTIONS
                for metric in ("dice", "hd95")] + \
@@ -48,8 +48,8 @@ CSV_METRICS = [f"{region}_{metric}_{convention}" for region in REGION_NAMES for 
 
 def evaluate_case(gt_path: str, pred_path: str, check_geometry: bool = True) -> dict[str, dict[str, float]]:
     """Metrics of one case (``{region: metrics}``); raises ``ValueError`` naming the file on any mismatch."""
-    gt, gt_geometry = read_image(gt_path)
-    pred, pred_geometry = read_image(pred_path)
+    gt, gt_geometry = read_label_image(gt_path, LABELS, what="ground truth")
+    pred, pred_geometry = read_label_image(pred_path, LABELS, what="prediction")
     if pred.shape != gt.shape:
         raise ValueError(f"{pred_path}: shape (Z, Y, X) {pred.shape} differs from the ground truth {gt_path} {gt.shape}")
     if check_geometry:
@@ -57,10 +57,6 @@ def evaluate_case(gt_path: str, pred_path: str, check_geometry: bool = True) -> 
         if problems:
             raise ValueError(f"{pred_path}: geometry differs from the ground truth ({'; '.join(problems)}); "
                              f"pass --ignore_geometry to compare on the voxel grid anyway")
-    for path, labels in ((pred_path, pred), (gt_path, gt)):
-        unexpected = sorted(set(np.unique(labels).tolist()) - set(LABELS))
-        if unexpected:
-            raise ValueError(f"{path}: unexpected label values {unexpected}; expected a label map with {list(LABELS)}")
     return brats_case_metrics(pred, gt, gt_geometry.spacing_zyx)
 
 
@@ -76,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seg_name", default=SEG_NAME, help=f"ground-truth file in each case folder (default: {SEG_NAME})")
     parser.add_argument("--ignore_geometry", action="store_true",
                         help="only require equal shapes (for predictions written without the image header)")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first missing or failing case (exit code 1, nothing written)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -92,6 +90,11 @@ def _csv_text(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
     args = build_parser().parse_args(argv)
+    try:
+        sanitize_case_name(args.pred_name)  # it names the output files: they must stay in result_metrics/
+    except ValueError as error:
+        print(f"error: --pred_name: {error}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
     if not os.path.isdir(args.data_dir):
         print(f"error: {args.data_dir}: ground-truth directory not found (set DATA_DIR or pass --data_dir)", file=sys.stderr)
         return EXIT_NOTHING
@@ -115,12 +118,19 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(pred_path):
             missing.append(case)
             rows.append({"case": case, "status": "missing", "error": f"{pred_path} not found"})
+            if args.strict:
+                print(f"error: missing prediction {pred_path}; stopped (--strict)", file=sys.stderr)
+                return EXIT_NOTHING
             continue
         try:
             result = evaluate_case(gt_path, pred_path, check_geometry=not args.ignore_geometry)
-        except (ValueError, OSError) as error:
-            failed[case] = str(error)
-            rows.append({"case": case, "status": "failed", "error": str(error)})
+        except Exception as error:  # one bad case must not cost the others; the message names the file
+            message = str(error) if isinstance(error, (ValueError, OSError)) else f"{type(error).__name__}: {error}"
+            failed[case] = message
+            rows.append({"case": case, "status": "failed", "error": message})
+            if args.strict:
+                print(f"error: {case}: {message}; stopped (--strict)", file=sys.stderr)
+                return EXIT_NOTHING
             continue
         metrics[case] = result
         row = {"case": case, "status": "ok", "error": ""}

@@ -43,25 +43,27 @@ class RawAbusCase:
         return CASE_PREFIX + self.case_id
 
 
-def discover_raw_cases(abus_root: str) -> Tuple[List[RawAbusCase], List[str]]:
+def discover_raw_cases(abus_root: str) -> Tuple[List[RawAbusCase], List[str], Dict[str, str]]:
     """List the raw cases (folders in Train, Validation, Test order, files sorted by name).
 
-    Returns ``(cases, problems)``; problems are human-readable lines (masks without image, id collisions...).
+    Returns ``(cases, problems, rejected)``: problems are human-readable lines about files that are ignored
+    (masks without an image, files not named ``DATA_<id>.nrrd``); ``rejected`` maps case names that cannot be
+    processed to the reason, each naming the files: an id present in more than one folder (its outputs would
+    overwrite each other, so none of its copies is used) or an id that is not a safe file name.
 
     Raises:
         FileNotFoundError: ``{abus_root}/data`` has none of the three folders.
-        ValueError: the same case id appears in two folders (its outputs would overwrite each other).
     """
+    from light_training.io import sanitize_case_name
+
     data_root = os.path.join(abus_root, "data")
     present = [f for f in RAW_FOLDERS if os.path.isdir(os.path.join(data_root, f, "DATA"))]
     if not present:
         raise FileNotFoundError(
             f"{data_root}: no raw ABUS data found; expected {data_root}/{{Train,Validation,Test}}/DATA/DATA_<id>.nrrd "
             f"and .../MASK/MASK_<id>.nrrd (set --abus_root to the folder that contains 'data/')")
-    cases: List[RawAbusCase] = []
+    found: Dict[str, List[RawAbusCase]] = {}
     problems: List[str] = []
-    seen: Dict[str, str] = {}
-    collisions: List[str] = []
     for folder in present:
         data_dir = os.path.join(data_root, folder, "DATA")
         mask_dir = os.path.join(data_root, folder, "MASK")
@@ -74,21 +76,30 @@ def discover_raw_cases(abus_root: str) -> Tuple[List[RawAbusCase], List[str]]:
                 continue
             ids.append(match.group(1))
         for case_id in ids:
-            if case_id in seen:
-                collisions.append(f"id {case_id!r} in {seen[case_id]} and {folder}")
-                continue
-            seen[case_id] = folder
             mask_path = os.path.join(mask_dir, f"MASK_{case_id}.nrrd")
-            cases.append(RawAbusCase(case_id, folder, os.path.join(data_dir, f"DATA_{case_id}.nrrd"),
-                                     mask_path if os.path.isfile(mask_path) else None))
+            found.setdefault(case_id, []).append(RawAbusCase(
+                case_id, folder, os.path.join(data_dir, f"DATA_{case_id}.nrrd"),
+                mask_path if os.path.isfile(mask_path) else None))
         if os.path.isdir(mask_dir):
             for filename in sorted(os.listdir(mask_dir)):
                 if filename.startswith("MASK_") and filename.endswith(".nrrd") and filename[5:-5] not in ids:
                     problems.append(f"{os.path.join(mask_dir, filename)}: mask without an image DATA_{filename[5:]}")
-    if collisions:
-        raise ValueError(f"{data_root}: case ids occur in more than one folder ({'; '.join(collisions[:10])}); "
-                         "the output name ABUS_<id> must be unique - rename the files")
-    return cases, problems
+    cases: List[RawAbusCase] = []
+    rejected: Dict[str, str] = {}
+    for case_id, copies in found.items():
+        name = copies[0].name
+        if len(copies) > 1:
+            rejected[name] = (f"case id {case_id!r} is present {len(copies)} times ("
+                              + ", ".join(c.image_path for c in copies)
+                              + "); the output name must be unique: rename or remove all but one")
+            continue
+        try:
+            sanitize_case_name(name)
+        except ValueError as error:
+            rejected[name] = f"{copies[0].image_path}: {error}"
+            continue
+        cases.append(copies[0])
+    return cases, problems, rejected
 
 
 def load_split_info(path: str) -> dict:
@@ -101,7 +112,29 @@ def load_split_info(path: str) -> dict:
     info = load_json(path)
     if not isinstance(info, dict) or not isinstance(info.get("cases"), dict):
         raise ValueError(f"{path}: not an ABUS split_info.json (no 'cases' object)")
+    validate_split_lists(info, path)
     return info
+
+
+def validate_split_lists(info: dict, source: str) -> None:
+    """Raise ``ValueError`` naming ``source`` unless train/val/test are lists of safe, distinct case names
+    (case names become output file names, so they must not carry path separators or '..')."""
+    from light_training.io import sanitize_case_name
+
+    seen: Dict[str, str] = {}
+    for split in ("train", "val", "test"):
+        names = info.get(split, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{source}: {split!r} must be a list of case names")
+        for name in names:
+            try:
+                sanitize_case_name(name)
+            except ValueError as error:
+                raise ValueError(f"{source}: {split!r}: {error}") from None
+            if name in seen:
+                where = split if seen[name] == split else f"{seen[name]!r} and {split!r}"
+                raise ValueError(f"{source}: case {name} is listed twice (in {where})")
+            seen[name] = split
 
 
 def raw_paths_for_case(split_info: dict, name: str, abus_root: Optional[str] = None,

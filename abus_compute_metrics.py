@@ -11,9 +11,11 @@ Empty masks (ABUS convention of the reference): both empty → Dice 1, HD95 = HD
 HD95 = HD = ``--hd_penalty`` mm (50).
 
 Writes ``{results_root}/result_metrics/{pred_name}.csv`` (one row per case) and ``.json`` (summary: mean ± std,
-median, per case) and prints the summary. Missing predictions are listed, never silently skipped.
-Exit codes: 0 every case evaluated; 3 some predictions missing or failed (the rest is written); 1 nothing
-could be evaluated.
+median, per case) and prints the summary. Missing predictions are listed, never silently skipped. Masks must be
+label maps (finite whole numbers >= 0; > 0 = lesion) on the same grid, else the case fails with the file named.
+Exit codes: 0 every case evaluated; 3 some predictions missing or failed (listed at the end; the rest is
+written); 1 stopped: nothing could be evaluated, or --strict and a case was missing or failed (nothing written);
+2 bad settings.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ PRED_NAME = "segmamba_abus"
 RESULTS_ROOT = "./prediction_results"
 SPLIT_INFO = "./data/abus/split_info.json"
 HD_PENALTY = 50.0
-EXIT_OK, EXIT_NOTHING, EXIT_INCOMPLETE = 0, 1, 3
+EXIT_OK, EXIT_NOTHING, EXIT_BAD_SETTINGS, EXIT_INCOMPLETE = 0, 1, 2, 3
 CSV_COLUMNS = ["case", "original_folder", "dice", "hd95_mm", "hausdorff_mm", "gt_voxels", "pred_voxels"]
 
 
@@ -67,10 +69,10 @@ def surface_distance_metrics(pred: np.ndarray, gt: np.ndarray, spacing_zyx, pena
 
 def evaluate_case(gt_path: str, pred_path: str, penalty: float) -> Dict[str, float]:
     """Metrics of one case; ``ValueError`` naming the file on any grid mismatch."""
-    from light_training.io import read_image
+    from light_training.io import read_label_image
 
-    gt, gt_geometry = read_image(gt_path)
-    pred, pred_geometry = read_image(pred_path)
+    gt, gt_geometry = read_label_image(gt_path, what="ground-truth mask")
+    pred, pred_geometry = read_label_image(pred_path, what="predicted mask")
     if pred.shape != gt.shape:
         raise ValueError(f"{pred_path}: shape (Z, Y, X) {pred.shape} differs from the ground truth {gt_path} {gt.shape}")
     problems = gt_geometry.differences(pred_geometry)
@@ -107,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--results_root", default=RESULTS_ROOT, help="folder holding the prediction folders and result_metrics/")
     add("--hd_penalty", type=float, default=HD_PENALTY, help="HD95 / Hausdorff (mm) when exactly one mask is empty")
     add("--num_processes", type=int, default=2, help="parallel worker processes")
+    add("--strict", action="store_true", help="stop at the first missing or failing case (exit code 1)")
     add("--no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -114,8 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from tqdm.auto import tqdm
+    from light_training.io import sanitize_case_name
     from light_training.utils.files import atomic_path, save_json_atomic
 
+    try:
+        sanitize_case_name(args.pred_name)  # it names the output files: they must stay in result_metrics/
+    except ValueError as error:
+        print(f"error: --pred_name: {error}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
     try:
         info = load_split_info(args.split_info)
     except (FileNotFoundError, ValueError) as error:
@@ -127,23 +136,31 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {args.split_info}: the {args.split} split is empty", file=sys.stderr)
         return EXIT_NOTHING
     jobs, missing = [], []
+    rows: Dict[str, Dict[str, float]] = {}
+    failed: Dict[str, str] = {}
     for name in names:
         pred_path = os.path.join(pred_dir, f"{name}.nii.gz")
         if not os.path.isfile(pred_path):
             missing.append(name)
+            print(f"warning: no prediction {pred_path}", file=sys.stderr)
+            if args.strict:
+                print("stopped (--strict)", file=sys.stderr)
+                return EXIT_NOTHING
             continue
-        _, gt_path = raw_paths_for_case(info, name, args.abus_root, args.split_info)
+        try:
+            _, gt_path = raw_paths_for_case(info, name, args.abus_root, args.split_info)
+        except KeyError as error:
+            failed[name] = str(error.args[0])
+            continue
         jobs.append((name, gt_path, pred_path, args.hd_penalty))
-    for name in missing:
-        print(f"warning: no prediction {os.path.join(pred_dir, name + '.nii.gz')}", file=sys.stderr)
-    rows: Dict[str, Dict[str, float]] = {}
-    failed: Dict[str, str] = {}
     bar = tqdm(total=len(jobs), desc="cases", unit="case", disable=args.no_progress)
-    if args.num_processes <= 1 or len(jobs) <= 1:
-        results = (_worker(job) for job in jobs)
-        for name, row, error in results:
+    if args.num_processes <= 1 or len(jobs) <= 1 or args.strict:
+        for job in jobs:
+            name, row, error = _worker(job)
             (rows.__setitem__(name, row) if row is not None else failed.__setitem__(name, error))
             bar.update()
+            if failed and args.strict:
+                break
     else:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(args.num_processes, mp_context=context) as pool:
@@ -153,6 +170,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     bar.close()
     for name, error in sorted(failed.items()):
         print(f"error: {name}: {error}", file=sys.stderr)
+    if failed and args.strict:
+        print("stopped at the first failing case (--strict)", file=sys.stderr)
+        return EXIT_NOTHING
     if not rows:
         print(f"error: no case of the {args.split} split could be evaluated ({len(missing)} prediction(s) missing "
               f"in {pred_dir}, {len(failed)} failed)", file=sys.stderr)
@@ -179,7 +199,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"  HD (mm)    {summary['hausdorff_mm']['mean']:.2f} ± {summary['hausdorff_mm']['std']:.2f}")
     print(f"written: {os.path.join(out_dir, args.pred_name)}.csv and .json")
     if missing or failed:
-        print(f"incomplete: {len(missing)} missing, {len(failed)} failed of {len(names)}", file=sys.stderr)
+        print(f"incomplete: {len(missing)} missing, {len(failed)} failed of {len(names)} (the summary covers "
+              f"{len(rows)}):", file=sys.stderr)
+        for name in missing:
+            print(f"  {name}: no prediction {os.path.join(pred_dir, name + '.nii.gz')}", file=sys.stderr)
+        for name, error in sorted(failed.items()):
+            print(f"  {name}: {error}", file=sys.stderr)
         return EXIT_INCOMPLETE
     return EXIT_OK
 

@@ -17,8 +17,11 @@ Metrics (``detection/metrics.py``; a prediction matches the best still-unmatched
 * per case: number of boxes and lesions, best IoU, lesions found.
 
 Writes to ``--output_dir`` (default ``<folder of pred_file>/metrics``): ``detection_metrics.json``,
-``detection_per_case.csv`` and ``froc.png``. Exit codes: 0 every split case evaluated; 3 some missing or failed;
-1 nothing could be evaluated.
+``detection_per_case.csv`` and ``froc.png``. A detections file that breaks the schema (invalid JSON, a case
+listed twice, inverted or non-finite boxes, scores outside [0, 1]) is refused as a whole, naming the file and
+the case. Exit codes: 0 every split case evaluated; 3 some missing or failed (listed at the end, the rest is
+scored); 1 stopped: nothing could be evaluated, an unusable detections file, or --strict and a case was
+missing or failed (nothing written).
 """
 from __future__ import annotations
 
@@ -48,9 +51,9 @@ EXIT_OK, EXIT_NOTHING, EXIT_INCOMPLETE = 0, 1, 3
 def ground_truth_boxes(mask_path: str, connectivity: int = 6) -> Tuple[np.ndarray, Tuple[int, ...]]:
     """File-format lesion boxes of a raw mask and the mask's shape (Z, Y, X)."""
     from detection.boxes import mask_to_boxes
-    from light_training.io import read_image
+    from light_training.io import read_label_image
 
-    mask, _ = read_image(mask_path)
+    mask, _ = read_label_image(mask_path, what="ground-truth mask")
     return mask_to_boxes(mask > 0, connectivity=connectivity)[0], tuple(int(s) for s in mask.shape)
 
 
@@ -74,10 +77,11 @@ def resolve_abus_root(flag: Optional[str], info: dict) -> str:
 def evaluate_detection_file(pred_file: str, split_info_path: str, split: str = "test",
                             abus_root: Optional[str] = None, output_dir: Optional[str] = None,
                             connectivity: int = 6, num_processes: int = 2, progress: bool = True,
-                            title: str = "FROC") -> Tuple[dict, List[str], Dict[str, str]]:
+                            title: str = "FROC", strict: bool = False) -> Tuple[dict, List[str], Dict[str, str]]:
     """Score a detections.json; writes the JSON report, the per-case CSV and the FROC plot.
 
-    Returns ``(report dict, missing case names, failed cases)``. Raises on a missing/invalid file.
+    Returns ``(report dict, missing case names, failed cases)``. Raises on a missing/invalid file, and with
+    ``strict`` (``ValueError``, nothing written) on the first split case that is missing or fails.
     """
     from tqdm.auto import tqdm
 
@@ -92,15 +96,23 @@ def evaluate_detection_file(pred_file: str, split_info_path: str, split: str = "
     if not names:
         raise ValueError(f"{split_info_path}: the {split} split is empty")
     missing = [n for n in names if n not in predictions]
+    if strict and missing:
+        raise ValueError(f"{pred_file}: no entry for the {split} case {missing[0]} (--strict)")
     extra = sorted(set(predictions) - set(names))
     if extra:
         print(f"note: {len(extra)} case(s) of {pred_file} are not in the {split} split and are ignored: {extra[:5]}",
               file=sys.stderr)
-    jobs = [(n, raw_paths_for_case(info, n, root, split_info_path)[1], connectivity) for n in names if n in predictions]
     failed: Dict[str, str] = {}
+    jobs = []
+    for name in names:
+        if name in predictions:
+            try:
+                jobs.append((name, raw_paths_for_case(info, name, root, split_info_path)[1], connectivity))
+            except KeyError as error:
+                failed[name] = str(error.args[0])
     cases: List[CaseDetections] = []
     bar = tqdm(total=len(jobs), desc="ground truth", unit="case", disable=not progress)
-    if num_processes <= 1 or len(jobs) <= 1:
+    if num_processes <= 1 or len(jobs) <= 1 or strict:
         results = []
         for job in jobs:
             results.append(_gt_worker(job))
@@ -115,13 +127,16 @@ def evaluate_detection_file(pred_file: str, split_info_path: str, split: str = "
     for name, gt_boxes, shape, error in results:
         if error is not None:
             failed[name] = error
-            continue
-        prediction = predictions[name]
-        if prediction.image_shape_zyx is not None and tuple(prediction.image_shape_zyx) != shape:
-            failed[name] = (f"{pred_file}: image_shape_zyx {list(prediction.image_shape_zyx)} differs from the raw "
-                            f"mask's shape {list(shape)}")
-            continue
-        cases.append(CaseDetections(name, prediction.boxes, prediction.scores, gt_boxes))
+        else:
+            prediction = predictions[name]
+            if prediction.image_shape_zyx is not None and tuple(prediction.image_shape_zyx) != shape:
+                failed[name] = (f"{pred_file}: case {name}: image_shape_zyx {list(prediction.image_shape_zyx)} "
+                                f"differs from the raw mask's shape {list(shape)}")
+            else:
+                cases.append(CaseDetections(name, prediction.boxes, prediction.scores, gt_boxes))
+        if strict and failed:
+            name, reason = next(iter(failed.items()))
+            raise ValueError(f"case {name}: {reason} (--strict)")
     if not cases:
         raise ValueError(f"no case of the {split} split could be evaluated ({len(missing)} without predictions, "
                          f"{len(failed)} failed: {dict(list(failed.items())[:3])})")
@@ -173,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output_dir", default=None, help="where the metrics go (default: <folder of pred_file>/metrics)")
     add("--connectivity", type=int, default=6, choices=(6, 18, 26), help="lesion connectivity in the GT masks")
     add("--num_processes", type=int, default=2, help="parallel processes reading the masks")
+    add("--strict", action="store_true", help="stop at the first missing or failing case (exit code 1)")
     add("--no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -184,18 +200,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         payload, missing, failed = evaluate_detection_file(
             args.pred_file, args.split_info, args.split, args.abus_root, args.output_dir, args.connectivity,
-            args.num_processes, progress=not args.no_progress)
+            args.num_processes, progress=not args.no_progress, strict=args.strict)
     except (FileNotFoundError, ValueError, KeyError, DetectionsFileError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_NOTHING
-    for name in missing:
-        print(f"warning: {name} ({args.split} split) has no entry in {args.pred_file}", file=sys.stderr)
-    for name, reason in sorted(failed.items()):
-        print(f"error: {name}: {reason}", file=sys.stderr)
     print(format_report(payload["summary"]))
     output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.pred_file)), "metrics")
     print(f"written: {output_dir}/detection_metrics.json, detection_per_case.csv, froc.png")
-    return EXIT_INCOMPLETE if missing or failed else EXIT_OK
+    if missing or failed:
+        print(f"incomplete: {len(missing)} missing, {len(failed)} failed (the metrics cover the other cases):",
+              file=sys.stderr)
+        for name in missing:
+            print(f"  {name}: no entry in {args.pred_file}", file=sys.stderr)
+        for name, reason in sorted(failed.items()):
+            print(f"  {name}: {reason}", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    return EXIT_OK
 
 
 if __name__ == "__main__":

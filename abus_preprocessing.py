@@ -2,9 +2,10 @@
 """ABUS step 1: raw TDSC-ABUS NRRD volumes → preprocessed lesion-only cases split into train / val / test.
 
 1. Collect every case of ``{abus_root}/data/{Train,Validation,Test}/DATA/DATA_<id>.nrrd`` with its mask
-   ``.../MASK/MASK_<id>.nrrd`` (ids must be unique across the three folders).
-2. Read every mask once (in parallel): cases without a mask file and cases whose mask has no voxel > 0 are
-   skipped and listed; spacing and shape are recorded.
+   ``.../MASK/MASK_<id>.nrrd`` (ids must be unique across the three folders: an id found twice fails, both
+   copies are left out).
+2. Read every mask once (in parallel): cases without a mask file or with an unreadable one fail (listed);
+   cases whose mask has no voxel > 0 are skipped and listed; spacing and shape are recorded.
 3. Spacing check: by default volumes keep their voxel grid (as the published pipeline, so boxes stay in raw
    voxels); a clear warning lists anisotropic spacings or spacings that differ between cases, and
    ``--target_spacing Z Y X`` resamples every case to that spacing instead (detections are mapped back to the
@@ -18,8 +19,9 @@
    and failed cases) and ``split_info.txt`` (the same for humans).
 
 Re-running skips finished cases (``--overwrite`` redoes them) and removes cases that a previous run with
-another split put into a different folder. Exit codes: 0 all good, 3 some cases failed (listed, the rest is
-written), 1 stopped (fatal error or ``--strict``).
+another split put into a different folder. Exit codes: 0 all good, 3 some cases failed (listed at the end with
+the file and the problem; the rest is written), 1 stopped (no input, a fatal error, or ``--strict`` and a case
+failed).
 """
 from __future__ import annotations
 
@@ -183,24 +185,38 @@ def main(argv: Optional[List[str]] = None) -> int:
     test_ratio = max(0.0, 1.0 - args.train_ratio - args.val_ratio)
     abus_root = os.path.abspath(args.abus_root)
     try:
-        raw_cases, problems = discover_raw_cases(abus_root)
+        raw_cases, problems, rejected = discover_raw_cases(abus_root)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_STOPPED
     for line in problems:
         print(f"warning: {line}", file=sys.stderr)
-    print(f"found {len(raw_cases)} case(s) in {abus_root}/data")
+    print(f"found {len(raw_cases) + len(rejected)} case(s) in {abus_root}/data")
+    if not raw_cases and not rejected:
+        print(f"error: {abus_root}/data: no DATA_<id>.nrrd file in any of the DATA folders", file=sys.stderr)
+        return EXIT_STOPPED
 
+    # Every problem with one case is a failure of that case: listed, skipped, exit code 3 (or stop: --strict).
+    failed: Dict[str, str] = dict(rejected)
     missing_mask = sorted(c.name for c in raw_cases if c.mask_path is None)
+    by_raw_name = {c.name: c for c in raw_cases}
     for name in missing_mask:
-        print(f"warning: {name}: no mask file, skipped", file=sys.stderr)
-    with_mask = [c for c in raw_cases if c.mask_path is not None]
-    scans = scan_cases(with_mask, args.num_processes, progress)
-    failed = {name: str(s["error"]) for name, s in scans.items() if "error" in s}
+        case = by_raw_name[name]
+        expected = os.path.join(os.path.dirname(os.path.dirname(case.image_path)), "MASK", f"MASK_{case.case_id}.nrrd")
+        failed[name] = f"no mask file: {expected} is missing (image {case.image_path})"
     for name, reason in sorted(failed.items()):
         print(f"error: {name}: {reason}", file=sys.stderr)
     if failed and args.strict:
-        print("stopped (--strict)", file=sys.stderr)
+        print("stopped at the first failing case (--strict)", file=sys.stderr)
+        return EXIT_STOPPED
+    with_mask = [c for c in raw_cases if c.mask_path is not None]
+    scans = scan_cases(with_mask, args.num_processes, progress)
+    unreadable = {name: str(s["error"]) for name, s in scans.items() if "error" in s}
+    for name, reason in sorted(unreadable.items()):
+        print(f"error: {name}: {reason}", file=sys.stderr)
+    failed.update(unreadable)
+    if unreadable and args.strict:
+        print("stopped at the first failing case (--strict)", file=sys.stderr)
         return EXIT_STOPPED
     good = {name: s for name, s in scans.items() if "error" not in s}
     without_lesion = sorted(name for name, s in good.items() if s["lesion_voxels"] == 0)
@@ -208,7 +224,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{len(lesion_cases)} case(s) with lesions; skipped {len(without_lesion)} without lesion"
           + (f" ({', '.join(without_lesion)})" if without_lesion else "")
           + (f", {len(missing_mask)} without mask" if missing_mask else "")
-          + (f", {len(failed)} unreadable" if failed else ""))
+          + (f", {len(unreadable)} unreadable" if unreadable else "")
+          + (f", {len(rejected)} with an unusable id" if rejected else ""))
     if not lesion_cases:
         print("error: no case with a lesion to preprocess", file=sys.stderr)
         return EXIT_STOPPED
@@ -278,7 +295,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"train {len(written['train'])} / val {len(written['val'])} / test {len(written['test'])} cases in "
           f"{args.output_base}; split written to {os.path.join(args.output_base, 'split_info.json')} and .txt")
     if failed:
-        print(f"{len(failed)} case(s) failed: {sorted(failed)}", file=sys.stderr)
+        print(f"{len(failed)} case(s) failed (skipped; the rest is written):", file=sys.stderr)
+        for name, reason in sorted(failed.items()):
+            print(f"  {name}: {reason}", file=sys.stderr)
         return EXIT_SOME_FAILED
     return EXIT_OK
 

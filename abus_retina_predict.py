@@ -16,7 +16,13 @@ Outputs in ``--save_path``:
 * with ``--save_seg``: ``ABUS_<id>.nii.gz`` lesion masks (0/1, uint8) on the raw image grid with the raw
   image's spacing, origin and direction.
 
-Exit codes: 0 all cases done; 3 some cases failed (listed; the others are written); 1 nothing could be done.
+``detections.json`` is rewritten atomically after every case (``source.complete`` is false until the last one),
+so an interrupted run keeps what it finished; running the same command again skips the cases already in the
+file when the model file and all settings are unchanged (``--overwrite`` predicts everything again). A case
+whose files are unreadable, hold NaN/Inf or disagree about the case name fails (listed at the end).
+
+Exit codes: 0 all cases done; 3 some cases failed (listed at the end; the others are written); 1 nothing could
+be done, or ``--strict`` and a case failed.
 """
 from __future__ import annotations
 
@@ -53,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--patch_size", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
         help="window size (default: the training patch stored in the checkpoint, else 128 128 128)")
     add("--amp", choices=["fp16", "none"], default="fp16", help="mixed precision on CUDA")
+    add("--overwrite", action="store_true",
+        help="predict every case again (default: reuse the cases of an existing detections.json written with the "
+             "same model and settings)")
+    add("--strict", action="store_true", help="stop at the first failing case (exit code 1)")
     add("--no_progress", action="store_true", help="no progress bars")
     return parser
 
@@ -68,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from light_training.checkpoint import CheckpointError, load_checkpoint
     from light_training.dataloading import list_case_files
     from light_training.distributed import DeviceRequestError, resolve_device
-    from light_training.io import ImageGeometry, load_case, sanitize_case_name, write_image
+    from light_training.io import ImageGeometry, check_finite_input, load_case, sanitize_case_name, write_image
     from light_training.prediction import labels_from_probabilities, paste_into_original, resize_probabilities
     from model_segmamba.segmamba_retina import build_retina_from_checkpoint
 
@@ -91,46 +101,105 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"model {args.model_path} ({sum(p.numel() for p in model.parameters()):,} parameters) on {device}; "
           f"{len(case_files)} case(s); window {patch}, overlap {args.overlap}")
     os.makedirs(args.save_path, exist_ok=True)
-    predictions = {}
-    failed = {}
+    output = os.path.join(args.save_path, "detections.json")
+    settings = {"model_path": os.path.abspath(args.model_path), "model_size": os.path.getsize(args.model_path),
+                "model_mtime_ns": os.stat(args.model_path).st_mtime_ns, "patch_size": list(patch),
+                "overlap": args.overlap, "score_threshold": args.score_threshold,
+                "nms_threshold": args.nms_threshold, "max_detections": args.max_detections,
+                "pre_nms_top_k": args.pre_nms_top_k, "save_seg": bool(args.save_seg)}
+    predictions = {} if args.overwrite else previous_predictions(output, settings)
+    failed: dict = {}
     started = time.time()
+
+    def save(pending: List[str]) -> None:
+        # Rewritten (atomically) after every case: a killed run keeps what it finished, and a re-run goes on
+        # from there. "complete" tells a finished file from one of an interrupted run.
+        write_detections_json(output, predictions, {
+            "script": "abus_retina_predict.py", "model_path": os.path.abspath(args.model_path),
+            "data_dir_test": os.path.abspath(args.data_dir_test), "patch_size": list(patch),
+            "overlap": args.overlap, "score_threshold": args.score_threshold, "nms_threshold": args.nms_threshold,
+            "max_detections": args.max_detections, "score": "sigmoid(classification logit)",
+            "settings": settings, "complete": not pending, "pending_cases": pending, "failed_cases": failed})
+
+    names = [os.path.basename(path)[:-len(".npz")] for path in case_files]
+    reused = [n for n in names if n in predictions and (not args.save_seg or os.path.isfile(mask_path(args, n)))]
+    predictions = {n: predictions[n] for n in reused}
+    if reused:
+        print(f"{len(reused)} case(s) already in {output} with the same model and settings: skipped "
+              f"(--overwrite predicts them again)")
     for path in tqdm(case_files, desc="cases", unit="case", disable=args.no_progress):
         name = os.path.basename(path)[:-len(".npz")]
+        if name in reused:
+            continue
         try:
+            sanitize_case_name(name)
             data, _, properties = load_case(path, load_seg=False)
-            name = sanitize_case_name(properties.get("name", name))
+            check_finite_input(data, path)
+            stored_name = properties.get("name", name)
+            if stored_name != name:
+                raise ValueError(f"{path}: the properties ({name}.json) name the case {stored_name!r}; the file "
+                                 f"name says {name!r} (a renamed or copied case?)")
             result = predict_volume(model, data, config, device)
             boxes = boxes_in_original_volume(result.boxes, properties)
             spacing_zyx = list(reversed(properties["spacing_xyz"]))
-            predictions[name] = CasePrediction(boxes, result.scores.double().numpy(),
-                                               properties["shape_before_cropping"], spacing_zyx)
+            prediction = CasePrediction(boxes, result.scores.double().numpy(), properties["shape_before_cropping"],
+                                        spacing_zyx)
             if args.save_seg:
                 probabilities = resize_probabilities(result.probabilities,
                                                      properties["shape_after_cropping_before_resample"])
                 labels = labels_from_probabilities(probabilities)
                 mask = paste_into_original((labels > 0).astype(np.uint8), properties["shape_before_cropping"],
                                            properties["bbox_used_for_cropping"], fill_value=0)
-                write_image(mask, os.path.join(args.save_path, f"{name}.nii.gz"), ImageGeometry.from_dict(properties))
+                write_image(mask, mask_path(args, name), ImageGeometry.from_dict(properties))
+            predictions[name] = prediction
+            save([n for n in names if n not in predictions and n not in failed])
         except Exception as error:  # one bad case must not cost the others
-            failed[name] = f"{type(error).__name__}: {error}"
-            print(f"error: {path}: {failed[name]}", file=sys.stderr)
+            failed[name] = f"{path}: {type(error).__name__}: {error}"
+            print(f"error: {failed[name]}", file=sys.stderr)
+            if args.strict:
+                print("stopped at the first failing case (--strict)", file=sys.stderr)
+                if predictions:
+                    save([n for n in names if n not in predictions])
+                return EXIT_NOTHING
     if not predictions:
         print("error: no case could be predicted", file=sys.stderr)
         return EXIT_NOTHING
-    source = {"script": "abus_retina_predict.py", "model_path": os.path.abspath(args.model_path),
-              "data_dir_test": os.path.abspath(args.data_dir_test), "patch_size": list(patch),
-              "overlap": args.overlap, "score_threshold": args.score_threshold,
-              "nms_threshold": args.nms_threshold, "max_detections": args.max_detections,
-              "score": "sigmoid(classification logit)", "failed_cases": failed}
-    output = os.path.join(args.save_path, "detections.json")
-    write_detections_json(output, predictions, source)
+    save([])
     total = sum(p.boxes.shape[0] for p in predictions.values())
     print(f"{len(predictions)} case(s), {total} box(es) in {time.time() - started:.1f} s -> {output}"
           + (f"; masks in {args.save_path}" if args.save_seg else ""))
     if failed:
-        print(f"{len(failed)} case(s) failed: {sorted(failed)}", file=sys.stderr)
+        print(f"{len(failed)} case(s) failed (not in {output}; the other cases are):", file=sys.stderr)
+        for name, reason in sorted(failed.items()):
+            print(f"  {name}: {reason}", file=sys.stderr)
         return EXIT_SOME_FAILED
     return EXIT_OK
+
+
+def mask_path(args: argparse.Namespace, name: str) -> str:
+    return os.path.join(args.save_path, f"{name}.nii.gz")
+
+
+def previous_predictions(path: str, settings: dict) -> dict:
+    """Cases of an existing detections.json written with the same model and settings (else none)."""
+    import json
+
+    from detection.detections_file import read_detections_json
+
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            previous_settings = (json.load(handle).get("source") or {}).get("settings")
+        cases = read_detections_json(path)
+    except (ValueError, OSError, AttributeError) as error:
+        print(f"note: {path} cannot be reused ({error}); every case is predicted again", file=sys.stderr)
+        return {}
+    if previous_settings != settings:
+        print(f"note: {path} was written with another model or other settings; every case is predicted again",
+              file=sys.stderr)
+        return {}
+    return cases
 
 
 if __name__ == "__main__":

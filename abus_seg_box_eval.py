@@ -14,14 +14,15 @@ The baseline SegMamba-Retina must beat. Two phases, either or both:
 
 The boxes are written as ``{pred_dir}/detections.json`` (the project's one schema) and scored with exactly the
 metrics of ``abus_det_compute_metrics.py`` (AP, mAP, lesion recall/precision, FROC) into ``--output_dir``
-(default ``{pred_dir}/seg_box_metrics``). Exit codes: 0 all cases; 3 some missing or failed; 1 nothing.
+(default ``{pred_dir}/seg_box_metrics``). Exit codes: 0 all cases; 3 some missing or failed (listed at the end,
+the rest is scored); 1 stopped: nothing could be scored, or --strict and a case was missing or failed.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -61,14 +62,15 @@ def component_boxes(mask: np.ndarray, probabilities: Optional[np.ndarray], min_v
     return boxes, scores, volumes
 
 
-def segment_cases(args, names: List[str]) -> Dict[str, np.ndarray]:
-    """Phase 1: segment the test cases, write masks, return the lesion probabilities on the raw grid."""
+def segment_cases(args, names: List[str]) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """Phase 1: segment the test cases, write masks; returns the lesion probabilities on the raw grid and the
+    cases that failed (``{name: reason}``; with ``--strict`` the first failure raises instead)."""
     import torch
     from tqdm.auto import tqdm
 
     from light_training.dataloading import list_case_files
     from light_training.distributed import resolve_device
-    from light_training.io import ImageGeometry, load_case, write_image
+    from light_training.io import ImageGeometry, check_finite_input, load_case, sanitize_case_name, write_image
     from light_training.prediction import (SlidingWindowConfig, SlidingWindowPredictor, labels_from_probabilities,
                                            paste_into_original, resize_probabilities)
     from model_segmamba import SegMamba
@@ -89,19 +91,32 @@ def segment_cases(args, names: List[str]) -> Dict[str, np.ndarray]:
         raise FileNotFoundError(f"{args.data_dir_test}: none of the {len(names)} {args.split} cases is there")
     os.makedirs(args.pred_dir, exist_ok=True)
     probabilities_by_case: Dict[str, np.ndarray] = {}
+    failed: Dict[str, str] = {}
     with torch.no_grad():
         for path in tqdm(paths, desc="segmenting", unit="case", disable=args.no_progress):
-            data, _, properties = load_case(path, load_seg=False)
-            probabilities = predictor.predict_probabilities(model, data)
-            probabilities = resize_probabilities(probabilities, properties["shape_after_cropping_before_resample"])
-            labels = labels_from_probabilities(probabilities)
-            shape, bbox = properties["shape_before_cropping"], properties["bbox_used_for_cropping"]
-            mask = paste_into_original((labels > 0).astype(np.uint8), shape, bbox, 0)
-            name = properties["name"]
-            write_image(mask, os.path.join(args.pred_dir, f"{name}.nii.gz"), ImageGeometry.from_dict(properties))
-            probabilities_by_case[name] = paste_into_original(probabilities[1].numpy().astype(np.float32), shape, bbox, 0)
-    print(f"segmented {len(paths)} case(s) with {args.model_path} -> {args.pred_dir}")
-    return probabilities_by_case
+            name = os.path.basename(path)[:-len(".npz")]
+            try:
+                data, _, properties = load_case(path, load_seg=False)
+                check_finite_input(data, path)
+                if properties.get("name", name) != name:
+                    raise ValueError(f"{path}: the properties name the case {properties.get('name')!r}, the file "
+                                     f"name says {name!r}")
+                probabilities = predictor.predict_probabilities(model, data)
+                probabilities = resize_probabilities(probabilities, properties["shape_after_cropping_before_resample"])
+                labels = labels_from_probabilities(probabilities)
+                shape, bbox = properties["shape_before_cropping"], properties["bbox_used_for_cropping"]
+                mask = paste_into_original((labels > 0).astype(np.uint8), shape, bbox, 0)
+                write_image(mask, os.path.join(args.pred_dir, f"{sanitize_case_name(name)}.nii.gz"),
+                            ImageGeometry.from_dict(properties))
+                probabilities_by_case[name] = paste_into_original(probabilities[1].numpy().astype(np.float32),
+                                                                  shape, bbox, 0)
+            except Exception as error:  # one bad case must not cost the others
+                if args.strict:
+                    raise ValueError(f"{path}: {type(error).__name__}: {error} (--strict)") from error
+                failed[name] = f"{path}: {type(error).__name__}: {error}"
+                print(f"error: {failed[name]}", file=sys.stderr)
+    print(f"segmented {len(probabilities_by_case)} case(s) with {args.model_path} -> {args.pred_dir}")
+    return probabilities_by_case, failed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--abus_root", default=None, help="raw dataset root (default: the root recorded in split_info.json)")
     add("--output_dir", default=None, help="metrics folder (default: <pred_dir>/seg_box_metrics)")
     add("--num_processes", type=int, default=2, help="parallel processes reading ground-truth masks")
+    add("--strict", action="store_true", help="stop at the first missing or failing case (exit code 1)")
     add("--no_progress", action="store_true", help="no progress bars")
     return parser
 
@@ -131,30 +147,36 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from abus_det_compute_metrics import evaluate_detection_file, format_report
     from detection.detections_file import CasePrediction, write_detections_json
-    from light_training.io import read_image
+    from light_training.io import read_label_image
 
     try:
         info = load_split_info(args.split_info)
         names = list(info.get(args.split, []))
         if not names:
             raise ValueError(f"{args.split_info}: the {args.split} split is empty")
-        probabilities = segment_cases(args, names) if args.model_path else {}
+        probabilities, failed = segment_cases(args, names) if args.model_path else ({}, {})
+        predictions = {}
+        for name in names:
+            path = os.path.join(args.pred_dir, f"{name}.nii.gz")
+            if name in failed:
+                continue
+            if not os.path.isfile(path):
+                print(f"warning: no mask {path}", file=sys.stderr)
+                if args.strict:
+                    raise FileNotFoundError(f"{path}: mask not found (--strict)")
+                continue
+            try:
+                mask, geometry = read_label_image(path, what="predicted mask")
+                boxes, scores, _ = component_boxes(mask, probabilities.get(name), args.min_volume, args.connectivity)
+                predictions[name] = CasePrediction(boxes, scores, mask.shape, geometry.spacing_zyx)
+            except Exception as error:
+                if args.strict:
+                    raise ValueError(f"{path}: {error} (--strict)") from error
+                failed[name] = f"{type(error).__name__}: {error}"
+                print(f"error: {path}: {failed[name]}", file=sys.stderr)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_NOTHING
-    predictions, failed = {}, {}
-    for name in names:
-        path = os.path.join(args.pred_dir, f"{name}.nii.gz")
-        if not os.path.isfile(path):
-            print(f"warning: no mask {path}", file=sys.stderr)
-            continue
-        try:
-            mask, geometry = read_image(path)
-            boxes, scores, _ = component_boxes(mask, probabilities.get(name), args.min_volume, args.connectivity)
-            predictions[name] = CasePrediction(boxes, scores, mask.shape, geometry.spacing_zyx)
-        except Exception as error:
-            failed[name] = f"{type(error).__name__}: {error}"
-            print(f"error: {path}: {failed[name]}", file=sys.stderr)
     if not predictions:
         print(f"error: no mask of the {args.split} cases found in {args.pred_dir}", file=sys.stderr)
         return EXIT_NOTHING
@@ -167,15 +189,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         payload, missing, eval_failed = evaluate_detection_file(
             pred_file, args.split_info, args.split, args.abus_root, output_dir, args.connectivity,
-            args.num_processes, progress=not args.no_progress, title="FROC (Seg -> Box)")
+            args.num_processes, progress=not args.no_progress, title="FROC (Seg -> Box)", strict=args.strict)
     except (FileNotFoundError, ValueError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_NOTHING
     failed.update(eval_failed)
+    missing = [name for name in missing if name not in failed]
     print(f"Seg -> Box ({score_kind}):")
     print(format_report(payload["summary"]))
     print(f"written: {pred_file}; metrics in {output_dir}")
-    return EXIT_INCOMPLETE if missing or failed else EXIT_OK
+    if missing or failed:
+        print(f"incomplete: {len(missing)} missing, {len(failed)} failed:", file=sys.stderr)
+        for name in missing:
+            print(f"  {name}: no mask in {args.pred_dir}", file=sys.stderr)
+        for name, reason in sorted(failed.items()):
+            print(f"  {name}: {reason}", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    return EXIT_OK
 
 
 if __name__ == "__main__":

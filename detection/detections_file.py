@@ -19,10 +19,13 @@ Schema (version 1)::
       }
     }
 
-Case keys are the case names (``ABUS_<id>``). A case present with no boxes means "predicted, nothing found".
+Case keys are the case names (``ABUS_<id>``), each at most once. A case present with no boxes means "predicted,
+nothing found". The reader refuses a file whose boxes are inverted (``z2 < z1`` ...), negative or outside the
+stated image shape, or whose boxes or scores are not finite numbers.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 from dataclasses import dataclass
@@ -85,11 +88,18 @@ def read_detections_json(path: str | os.PathLike) -> Dict[str, CasePrediction]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: detections file not found (run the prediction script first)")
+    def refuse_repeated_keys(pairs):
+        repeated = sorted(key for key, count in collections.Counter(key for key, _ in pairs).items() if count > 1)
+        if repeated:  # json.load would silently keep the last entry of each
+            raise DetectionsFileError(f"{path}: {repeated[:5]} listed more than once in one object; each case "
+                                      "(and each field) may appear only once")
+        return dict(pairs)
+
     try:
         with open(path, "r", encoding="utf-8") as handle:
-            payload = json.load(handle)
+            payload = json.load(handle, object_pairs_hook=refuse_repeated_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DetectionsFileError(f"{path}: not valid JSON ({error})") from error
+        raise DetectionsFileError(f"{path}: not valid JSON, e.g. a truncated file ({error})") from error
     if not isinstance(payload, dict) or payload.get("schema") != SCHEMA_NAME:
         raise DetectionsFileError(
             f"{path}: not a '{SCHEMA_NAME}' file (expected a JSON object with \"schema\": \"{SCHEMA_NAME}\"; "
@@ -112,6 +122,19 @@ def read_detections_json(path: str | os.PathLike) -> Dict[str, CasePrediction]:
                 raise ValueError(f"{boxes.shape[0]} boxes but {scores.shape[0]} scores")
             if not (np.all(np.isfinite(boxes)) and np.all(np.isfinite(scores))):
                 raise ValueError("non-finite box coordinate or score")
+            inverted = np.flatnonzero(np.any(boxes[:, 3:] < boxes[:, :3], axis=1))
+            if inverted.size:
+                raise ValueError(f"box {int(inverted[0])} {boxes[inverted[0]].tolist()} is inverted (needs "
+                                 f"z1 <= z2, y1 <= y2, x1 <= x2)")
+            if boxes.size and boxes.min() < 0:
+                raise ValueError(f"negative box coordinate {float(boxes.min())} (boxes are voxel indices >= 0)")
+            shape = entry.get("image_shape_zyx")
+            if shape is not None and boxes.size:
+                limit = np.asarray(shape, dtype=np.float64).reshape(3)
+                outside = np.flatnonzero(np.any(boxes[:, 3:] > limit + 1e-3, axis=1))
+                if outside.size:
+                    raise ValueError(f"box {int(outside[0])} {boxes[outside[0]].tolist()} reaches outside the image "
+                                     f"shape {list(shape)}")
             cases[name] = CasePrediction(boxes, scores, entry.get("image_shape_zyx"), entry.get("spacing_zyx"))
         except (KeyError, TypeError, ValueError) as error:
             raise DetectionsFileError(f"{path}: case {name!r}: invalid entry ({error})") from error

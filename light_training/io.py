@@ -19,9 +19,9 @@ import numpy as np
 
 from light_training.utils.files import atomic_path, dumps_readable_json, load_json
 
-__all__ = ["ImageGeometry", "ImageReadError", "read_image", "write_image", "image_geometry",
+__all__ = ["ImageGeometry", "ImageReadError", "read_image", "read_label_image", "write_image", "image_geometry",
            "sanitize_case_name", "save_case", "load_case", "load_case_properties", "case_paths",
-           "is_case_complete", "read_images_as_channels", "IMAGE_EXTENSIONS"]
+           "is_case_complete", "read_images_as_channels", "check_finite_input", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -212,6 +212,57 @@ def read_image(path: str | os.PathLike, dtype: Any = None) -> tuple[np.ndarray, 
     return array, geometry
 
 
+def _values_present(array: np.ndarray) -> list:
+    """Sorted distinct values of an integer array (bincount for small ranges: much faster than np.unique)."""
+    if array.size == 0:
+        return []
+    lo, hi = int(array.min()), int(array.max())
+    if hi - lo <= 65535:
+        counts = np.bincount((array.ravel() - lo).astype(np.int64, copy=False), minlength=hi - lo + 1)
+        return [int(v) + lo for v in np.flatnonzero(counts)]
+    return [int(v) for v in np.unique(array)]
+
+
+def read_label_image(path: str | os.PathLike, labels: Sequence[int] | None = None,
+                     what: str = "label map") -> tuple[np.ndarray, ImageGeometry]:
+    """Read a 3D label map and check that it is one: finite, integer-valued and within ``labels``.
+
+    Args:
+        labels: the allowed values (e.g. ``(0, 1, 2, 3)`` for BraTS); None allows any value >= 0 (masks where
+            every value > 0 marks the structure, such as ABUS masks stored as 0/255).
+        what: how the file is called in error messages ("prediction", "ground truth", ...).
+
+    Returns:
+        ``(integer array (Z, Y, X), geometry)``; floating-point files holding whole numbers come back as int32.
+
+    Raises:
+        FileNotFoundError / ImageReadError (a ValueError): the message starts with the path and says what is
+        wrong (the problems of :func:`read_image`, NaN/Inf, fractional values, unexpected label values).
+    """
+    path = os.fspath(path)
+    array, geometry = read_image(path)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    elif not np.issubdtype(array.dtype, np.integer):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise ImageReadError(f"{path}: {what} contains {bad} NaN or Inf voxel(s)")
+        if not np.array_equal(array, np.round(array)):
+            raise ImageReadError(f"{path}: {what} holds non-integer values (an intensity image rather than a "
+                                 f"label map?)")
+        array = array.astype(np.int32)
+    present = _values_present(array)
+    if labels is not None:
+        unexpected = sorted(set(present) - {int(v) for v in labels})
+        if unexpected:
+            raise ImageReadError(f"{path}: {what} holds unexpected label values {unexpected[:10]}; allowed are "
+                                 f"{sorted(int(v) for v in labels)}")
+    elif present and present[0] < 0:
+        raise ImageReadError(f"{path}: {what} holds negative values {[v for v in present if v < 0][:10]}; "
+                             f"a mask must be 0 (background) or > 0")
+    return array, geometry
+
+
 def write_image(array: np.ndarray, path: str | os.PathLike, geometry: ImageGeometry | None = None,
                 compress: bool = True) -> None:
     """Write a 3D array ``(Z, Y, X)`` as an image with the given geometry, atomically.
@@ -365,6 +416,15 @@ def load_case(npz_path: str | os.PathLike, load_seg: bool = True,
         raise ValueError(f"{npz_path}: 'seg' shape {seg.shape} does not match data {data.shape}")
     props = load_case_properties(npz_path) if load_properties else None
     return data.astype(np.float32, copy=False), seg, props
+
+
+def check_finite_input(data: np.ndarray, source: str | os.PathLike) -> None:
+    """Raise ``ValueError`` naming ``source`` when the array holds NaN or Inf (a model would turn them into a
+    silently wrong prediction)."""
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise ValueError(f"{os.fspath(source)}: the image data hold {bad} NaN or Inf value(s); re-run the "
+                         f"preprocessing for this case")
 
 
 def read_images_as_channels(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, ImageGeometry]:

@@ -249,6 +249,9 @@ def _read_seg(case: RawCase, image_shape: tuple[int, ...], geometry: ImageGeomet
                              f"(is it an image rather than a label map?)")
     seg = seg.astype(np.int64)
     if config.binarize_seg:
+        if seg.size and seg.min() < 0:
+            raise ValueError(f"{case.seg_path}: mask holds negative values (min {int(seg.min())}); a mask must be "
+                             f"0 (background) or > 0 (foreground)")
         seg = (seg > 0).astype(np.int64)
     present = set(np.unique(seg).tolist())
     unexpected = sorted(present - {0, *config.labels})

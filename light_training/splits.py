@@ -16,6 +16,7 @@ import os
 import random
 from typing import Iterable, Sequence
 
+from light_training.io import sanitize_case_name
 from light_training.utils.files import load_json, save_json_atomic
 
 __all__ = ["SPLIT_NAMES", "DEFAULT_RATIOS", "DEFAULT_SEED", "make_splits", "split_sizes", "validate_splits",
@@ -76,12 +77,18 @@ def make_splits(names: Iterable[str], ratios: Sequence[float] = DEFAULT_RATIOS,
 
 
 def validate_splits(splits: dict, source: str = "splits") -> None:
-    """Raise ``ValueError`` (naming ``source``) unless train/val/test are lists of names without overlap."""
+    """Raise ``ValueError`` (naming ``source``) unless train/val/test are lists of safe case names (see
+    :func:`light_training.io.sanitize_case_name`) without repeats or overlap."""
     for key in SPLIT_NAMES:
         if key not in splits or not isinstance(splits[key], list):
             raise ValueError(f"{source}: missing list {key!r}")
         if not all(isinstance(n, str) for n in splits[key]):
             raise ValueError(f"{source}: {key!r} must list case names (strings)")
+        for name in splits[key]:
+            try:
+                sanitize_case_name(name)  # names become output file names: no path separators, no '..'
+            except ValueError as error:
+                raise ValueError(f"{source}: {key!r}: {error}") from None
         if len(set(splits[key])) != len(splits[key]):
             raise ValueError(f"{source}: {key!r} lists a case more than once")
     for i, first in enumerate(SPLIT_NAMES):

@@ -67,12 +67,18 @@ def test_preprocessed_case_is_cropped_zscored_on_the_scan_region_with_binary_lab
     assert props["spacing_xyz"] == list(geometry.spacing_xyz) and props["origin_xyz"] == list(geometry.origin_xyz)
 
 
-def test_duplicate_case_id_in_two_folders_stops_with_a_message_naming_it(tmp_path, capsys):
+def test_duplicate_case_id_in_two_folders_is_left_out_with_both_files_named_and_strict_stops(tmp_path, capsys):
     raw = make_raw(tmp_path / "raw", num_cases=6, without=0)
     source = raw / "data" / "Train" / "DATA" / "DATA_000.nrrd"
     shutil.copy(source, raw / "data" / "Test" / "DATA" / "DATA_000.nrrd")
-    assert run(raw, tmp_path / "out") == 1
-    assert "'000'" in capsys.readouterr().err
+    assert run(raw, tmp_path / "out") == 3
+    err = capsys.readouterr().err
+    assert "'000'" in err and os.path.join("Train", "DATA", "DATA_000.nrrd") in err
+    assert os.path.join("Test", "DATA", "DATA_000.nrrd") in err
+    info = json.loads((tmp_path / "out" / "split_info.json").read_text())
+    assert "ABUS_000" in info["failed"] and "ABUS_000" not in info["cases"] and len(info["cases"]) == 5
+    assert run(raw, tmp_path / "strict", "--strict") == 1
+    assert not (tmp_path / "strict").exists()  # stopped before writing anything
 
 
 def test_missing_and_unreadable_masks_are_listed_and_the_rest_is_preprocessed(tmp_path, capsys):
