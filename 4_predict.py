@@ -80,7 +80,7 @@ def build_model(checkpoint: dict, args: argparse.Namespace):
                                                "depths": list(args.depths), "feat_size": list(args.feat_size),
                                                "hidden_size": args.hidden_size}
     model = SegMamba(**model_config)
-    load_model_weights(model, checkpoint, strict=True)
+    load_model_weights(model, checkpoint, strict=True, name=args.checkpoint)
     return model.eval(), model_config
 
 

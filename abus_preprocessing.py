@@ -35,7 +35,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from abus_common import RawAbusCase, discover_raw_cases
-from light_training.io import case_paths, image_geometry, read_image
+from light_training.io import case_paths, image_geometry, read_label_image
 from light_training.preprocessing import PreprocessingConfig, PreprocessingError, RawCase, preprocess_cases
 from light_training.splits import make_splits
 from light_training.utils.files import atomic_path, save_json_atomic
@@ -59,7 +59,7 @@ def scan_case(case: RawAbusCase) -> Dict[str, object]:
     result: Dict[str, object] = {"name": case.name}
     try:
         shape, geometry = image_geometry(case.image_path)
-        mask, mask_geometry = read_image(case.mask_path)
+        mask, mask_geometry = read_label_image(case.mask_path, what="mask")  # whole numbers >= 0, > 0 = lesion
         if tuple(mask.shape) != tuple(shape):
             raise ValueError(f"{case.mask_path}: mask shape (Z, Y, X) {mask.shape} differs from the image "
                              f"{case.image_path} {tuple(shape)}")

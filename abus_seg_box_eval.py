@@ -79,7 +79,7 @@ def segment_cases(args, names: List[str]) -> Tuple[Dict[str, np.ndarray], Dict[s
     device = resolve_device(args.device)
     checkpoint = read_checkpoint(args.model_path)
     model = SegMamba(**(checkpoint.get("model_config") or {"in_chans": 1, "out_chans": 2}))
-    load_model_weights(model, checkpoint, strict=True)
+    load_model_weights(model, checkpoint, strict=True, name=args.model_path)
     model.to(device).eval()
     settings = checkpoint.get("run_settings") or {}
     patch = tuple(args.patch_size or settings.get("patch_size") or (128, 128, 128))

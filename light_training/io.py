@@ -401,13 +401,22 @@ def load_case(npz_path: str | os.PathLike, load_seg: bool = True,
     npz_path = os.fspath(npz_path)
     if not os.path.isfile(npz_path):
         raise FileNotFoundError(f"{npz_path}: preprocessed case not found")
+    if not zipfile.is_zipfile(npz_path):
+        # np.load would try to unpickle anything that is not a zip/.npy file and say "pickled data" instead
+        raise ValueError(f"{npz_path}: cannot read preprocessed case, the file is corrupt or truncated (not a "
+                         f".npz archive); delete it and re-run preprocessing")
     try:
         with np.load(npz_path, allow_pickle=False) as archive:
             if "data" not in archive.files:
                 raise ValueError(f"{npz_path}: no 'data' array in the file (keys: {archive.files})")
             data = archive["data"]
             seg = archive["seg"] if (load_seg and "seg" in archive.files) else None
-    except (zipfile.BadZipFile, EOFError, OSError) as error:
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+        if isinstance(error, ValueError) and str(error).startswith(npz_path):
+            raise
+        if isinstance(error, ValueError) and "pickle" in str(error):
+            raise ValueError(f"{npz_path}: holds pickled Python objects, which are never loaded (a preprocessed "
+                             f"case has plain numeric arrays only)") from error
         raise ValueError(f"{npz_path}: cannot read preprocessed case, the file is corrupt or truncated "
                          f"({error}); delete it and re-run preprocessing") from error
     if data.ndim != 4:

@@ -214,5 +214,5 @@ def build_retina_from_checkpoint(checkpoint: Dict[str, object], source: str = "c
     config = dict(checkpoint.get("model_config") or {}) if isinstance(checkpoint, dict) else {}
     config.update(overrides or {})
     model = SegMambaWithRetina(**config)
-    load_model_weights(model, checkpoint, strict=True)
+    load_model_weights(model, checkpoint, strict=True, name=source)
     return model

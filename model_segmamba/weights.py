@@ -71,13 +71,14 @@ def describe_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor], 
     return "\n".join(parts)
 
 
-def load_model_weights(model: nn.Module, source, strict: bool = True) -> nn.Module:
+def load_model_weights(model: nn.Module, source, strict: bool = True, name: str | None = None) -> nn.Module:
     """Load weights from a path or an in-memory checkpoint into ``model``.
 
     With ``strict=True`` (default) any missing/unexpected key or shape mismatch raises
-    :class:`CheckpointMismatchError` listing them, before the model is modified.
+    :class:`CheckpointMismatchError` listing them, before the model is modified. ``name`` is how the
+    checkpoint is called in that message (default: the path, or "<state dict>" for an in-memory one).
     """
-    name = source if isinstance(source, str) else "<state dict>"
+    name = name or (source if isinstance(source, str) else "<state dict>")
     obj = read_checkpoint(source) if isinstance(source, str) else source
     sd = extract_state_dict(obj)
     report = describe_mismatch(model, sd)
