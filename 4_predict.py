@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from light_training.io import ImageGeometry, check_finite_input, load_case, sanitize_case_name, write_image
     from light_training.prediction import SlidingWindowConfig, SlidingWindowPredictor, predict_case
     from light_training.splits import load_splits
+    from light_training.utils.files import remove_stale_temporaries
     from model_segmamba import read_checkpoint
 
     try:
@@ -139,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"predicting {len(names)} {args.split} case(s) from {args.data_dir} -> {args.output_dir} | ROI {tuple(args.roi)}, "
           f"overlap {args.overlap}, Gaussian weighting, mirror TTA {'on (8 flips)' if args.mirror_tta else 'off'}")
 
+    leftovers = remove_stale_temporaries(args.output_dir)
+    if leftovers:
+        print(f"removed {len(leftovers)} unfinished file(s) of an interrupted run from {args.output_dir}")
     written, skipped, failed, scores = [], [], {}, []
     started = time.time()
     for name in tqdm(names, desc="cases", unit="case", disable=args.no_progress):

@@ -80,6 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from light_training.distributed import DeviceRequestError, resolve_device
     from light_training.io import ImageGeometry, check_finite_input, load_case, sanitize_case_name, write_image
     from light_training.prediction import labels_from_probabilities, paste_into_original, resize_probabilities
+    from light_training.utils.files import remove_stale_temporaries
     from model_segmamba.segmamba_retina import build_retina_from_checkpoint
 
     try:
@@ -102,6 +103,9 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{len(case_files)} case(s); window {patch}, overlap {args.overlap}")
     os.makedirs(args.save_path, exist_ok=True)
     output = os.path.join(args.save_path, "detections.json")
+    leftovers = remove_stale_temporaries(args.save_path)
+    if leftovers:
+        print(f"removed {len(leftovers)} unfinished file(s) of an interrupted run from {args.save_path}")
     settings = {"model_path": os.path.abspath(args.model_path), "model_size": os.path.getsize(args.model_path),
                 "model_mtime_ns": os.stat(args.model_path).st_mtime_ns, "patch_size": list(patch),
                 "overlap": args.overlap, "score_threshold": args.score_threshold,

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 __all__ = ["atomic_path", "save_json_atomic", "load_json", "to_jsonable", "dumps_readable_json",
-           "TEMP_MARKER"]
+           "remove_stale_temporaries", "TEMP_MARKER"]
 
 # Temporary files carry this marker so that leftovers of a killed process are recognisable (and ignorable).
 TEMP_MARKER = ".tmp-"
@@ -51,6 +51,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         if tmp.exists():
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Delete the files that writers killed mid-write left in ``folder`` under :func:`atomic_path`'s temporary
+    names (``.tmp-<id>-<name>``); returns their names. Call it when a stage starts writing into its folder
+    (not while another process writes there)."""
+    folder = os.fspath(folder)
+    removed = []
+    if os.path.isdir(folder):
+        for entry in sorted(os.listdir(folder)):
+            if entry.startswith(TEMP_MARKER):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, entry))
+                    removed.append(entry)
+    return removed
 
 
 def to_jsonable(obj: Any) -> Any:
