@@ -171,6 +171,7 @@ def train(args: argparse.Namespace, context) -> int:
 
     model_config = {"in_chans": IN_CHANNELS, "out_chans": NUM_CLASSES, "depths": list(args.depths),
                     "feat_size": list(args.feat_size), "hidden_size": args.hidden_size}
+    torch.manual_seed(args.seed)  # the same --seed gives the same initial weights (and DDP ranks agree anyway)
     model = SegMamba(**model_config)
     hardware = f"{context.world_size} GPU(s)" if context.device.type == "cuda" else "CPU"
     say(f"model: SegMamba({IN_CHANNELS} -> {NUM_CLASSES}), feat_size {args.feat_size}, depths {args.depths}, "

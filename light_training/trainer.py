@@ -482,10 +482,12 @@ class Trainer:
                 self.scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip_norm)
                 if not bool(torch.isfinite(grad_norm)):  # identical on every rank: gradients are all-reduced
+                    what = f"gradient norm {float(grad_norm)}"
                     if self.scaler.is_enabled():
                         self.scaler.update()  # fp16 overflow: lower the loss scale, skip the step
+                        what += f" (fp16 overflow; loss scale lowered to {self.scaler.get_scale():g})"
                     self.optimizer.zero_grad(set_to_none=True)
-                    self._register_nonfinite(f"gradient norm {float(grad_norm)}")
+                    self._register_nonfinite(what)
                     skipped += 1
                 else:
                     self.scaler.step(self.optimizer)

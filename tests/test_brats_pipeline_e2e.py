@@ -19,6 +19,7 @@ def load_script(filename: str):
     module_name = "script_" + filename[:-3]  # "3_train" is not an importable name on its own
     spec = importlib.util.spec_from_file_location(module_name, os.path.join(ROOT, filename))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -155,3 +156,39 @@ def test_scripts_1_to_5_run_end_to_end_and_write_label_maps_on_the_raw_grid(tmp_
     with open(predictions / "result_metrics" / "segmamba.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["case"] for row in rows] == test_cases
+
+
+# ------------------------------------------------------------------------------------------------ demo
+def test_demo_runs_the_brats_scripts_in_order_with_small_patch_flags(capsys, tmp_path):
+    demo = load_script("run_demo.py")
+    assert demo.main(["--list", "--only", "brats", "--workspace", str(tmp_path / "ws")]) == 0
+    listing = capsys.readouterr().out
+    order = ["0_inference.py", "tools/make_brats_demo.py", "1_rename_mri_data.py", "2_preprocessing_mri.py",
+             "3_train.py", "4_predict.py", "5_compute_metrics.py"]
+    positions = [listing.index(script) for script in order]
+    assert positions == sorted(positions)
+    assert listing.count("--roi 32 32 32") == 2  # training patch and sliding window
+    assert str(tmp_path / "ws") in listing and "./data" not in listing
+    assert not (tmp_path / "ws").exists()  # --list writes nothing
+
+
+def test_demo_refuses_a_workspace_it_did_not_create(tmp_path):
+    demo = load_script("run_demo.py")
+    (tmp_path / "my_data.nii.gz").write_bytes(b"precious")
+    with pytest.raises(demo.DemoStepError, match="not a demo workspace"):
+        demo.prepare_workspace(tmp_path, ["brats"])
+    assert (tmp_path / "my_data.nii.gz").read_bytes() == b"precious"
+
+
+def test_demo_workspace_is_locked_while_a_demo_runs_and_stale_locks_are_taken_over(tmp_path):
+    demo = load_script("run_demo.py")
+    workspace = tmp_path / "ws"
+    lock = demo.prepare_workspace(workspace, ["brats"])
+    (workspace / "brats").mkdir()
+    (workspace / "brats" / "result.txt").write_text("from the running demo")
+    with pytest.raises(demo.DemoStepError, match=f"process {os.getpid()}"):
+        demo.prepare_workspace(workspace, ["brats"])
+    assert (workspace / "brats" / "result.txt").exists()  # the running demo's files were not deleted
+    lock.write_text("999999999")  # a process that does not exist
+    demo.prepare_workspace(workspace, ["brats"]).unlink()
+    assert not (workspace / "brats").exists()
