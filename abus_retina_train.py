@@ -16,7 +16,8 @@ Dice cannot change then; ``combined`` = (Dice + FROC@0.3) / 2 when the whole mod
 ``abus_retina_predict.py`` rebuilds the same model.
 
 One epoch is one pass over the training cases (``ceil(cases / batch_size)`` iterations) unless
-``--iterations_per_epoch`` says otherwise.
+``--iterations_per_epoch`` says otherwise. A step with a NaN/Inf loss or gradient is skipped, counted and logged;
+``--max_nonfinite_steps`` such steps in a row stop training. Exit codes: 0 done; 1 stopped with an error (printed).
 """
 from __future__ import annotations
 
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", action="store_true", help="continue the run in --save_dir from model/final_model.pt")
     add("--overwrite", action="store_true", help="start again even if --save_dir holds a run")
     add("--deterministic", action="store_true", help="deterministic algorithms (slower)")
+    add("--max_nonfinite_steps", type=int, default=20,
+        help="consecutive steps with a NaN/Inf loss or gradient (each skipped) before training stops")
     add("--no_progress", action="store_true", help="no progress bars")
     return parser
 
@@ -116,6 +119,9 @@ def model_arguments(args, pretrained_config: Optional[dict]) -> dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.max_nonfinite_steps < 1:
+        print(f"error: --max_nonfinite_steps must be >= 1, got {args.max_nonfinite_steps}", file=sys.stderr)
+        return EXIT_ERROR
     from detection.atss_matcher import ATSSMatcher
     from detection.losses import RetinaDetectionLoss
     from detection.retina_training import RetinaTrainer, RetinaValidator, make_retina_patch_loader
@@ -123,7 +129,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from detection.sliding_window import RetinaInferenceConfig
     from light_training.dataloading import CaseDataset
     from light_training.distributed import DeviceRequestError, cleanup_distributed, setup_distributed
-    from light_training.trainer import TrainerConfig, TrainingSetupError
+    from light_training.checkpoint import CheckpointError
+    from light_training.trainer import NonFiniteTrainingError, TrainerConfig, TrainingSetupError
     from model_segmamba.segmamba_retina import (PretrainedLoadError, SegMambaWithRetina, freeze_backbone,
                                                 load_pretrained_segmamba)
     from model_segmamba.weights import read_checkpoint
@@ -177,7 +184,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = TrainerConfig(logdir=args.save_dir, max_epochs=args.max_epoch, iterations_per_epoch=iterations,
                            val_every=args.val_every, learning_rate=args.lr, weight_decay=args.weight_decay,
                            amp_dtype=args.amp, seed=args.seed, deterministic=args.deterministic,
-                           selection_key=selection, selection_mode="max", progress_bar=not args.no_progress)
+                           selection_key=selection, selection_mode="max", progress_bar=not args.no_progress,
+                           max_consecutive_nonfinite=args.max_nonfinite_steps)
     patch = tuple(args.patch_size)
     # Data factory: the trainer opens it once at start_batch = global_step, so a resumed run continues the
     # exact batch sequence of an uninterrupted one.
@@ -210,7 +218,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                             f"per epoch; model selection on {selection}")
         result = trainer.fit(resume=args.resume, overwrite=args.overwrite)
         trainer.close()
-    except TrainingSetupError as error:
+    except (TrainingSetupError, NonFiniteTrainingError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
     finally:

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", action="store_true", help="continue from LOGDIR/model/final_model.pt")
     add("--overwrite", action="store_true", help="start again although LOGDIR already holds a run")
     add("--deterministic", action="store_true", help="deterministic algorithms (slower)")
+    add("--max_nonfinite_steps", type=int, default=20,
+        help="consecutive steps with a NaN/Inf loss or gradient (each skipped) before training stops")
     add("--no_progress", action="store_true", help="no progress bars")
     return parser
 
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_settings(args: argparse.Namespace) -> None:
     if any(s <= 0 or s % 16 for s in args.patch_size):
         raise ValueError(f"--patch_size {args.patch_size}: every size must be a positive multiple of 16")
-    for flag in ("max_epoch", "batch_size", "val_every", "iterations_per_epoch"):
+    for flag in ("max_epoch", "batch_size", "val_every", "iterations_per_epoch", "max_nonfinite_steps"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if not 0.0 <= args.oversample_foreground <= 1.0:
@@ -141,7 +143,7 @@ def train(args: argparse.Namespace, context) -> int:
     config = TrainerConfig(logdir=args.logdir, max_epochs=args.max_epoch, iterations_per_epoch=args.iterations_per_epoch,
                            val_every=args.val_every, learning_rate=args.lr, amp_dtype=args.amp, seed=args.seed,
                            deterministic=args.deterministic, selection_key="mean_dice",
-                           progress_bar=not args.no_progress)
+                           max_consecutive_nonfinite=args.max_nonfinite_steps, progress_bar=not args.no_progress)
     # Kept in the checkpoint: abus_seg_box_eval.py takes the training patch as its window from here.
     run_settings = {key: (list(value) if isinstance(value, tuple) else value) for key, value in vars(args).items()}
     trainer = Trainer(model, config, batches, loss_fn=SegmentationLoss("dice_ce"), validator=validator,

@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from light_training.io import ImageGeometry, read_image, write_image
+from light_training.io import ImageGeometry, load_case, read_image, save_case, write_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BRATS_MODALITIES = ("t2w", "t2f", "t1n", "t1c")
@@ -147,3 +147,12 @@ def other_spacing(geometry: ImageGeometry) -> ImageGeometry:
 
 def cropped(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array[:-2])
+
+
+def rewrite_case(npz_path, **arrays) -> None:
+    """Replace arrays of a preprocessed case (``data=...``, ``seg=...``), keeping its properties."""
+    npz_path = os.fspath(npz_path)
+    data, seg, properties = load_case(npz_path)
+    updated = {"data": data, "seg": seg, **arrays}
+    save_case(os.path.dirname(npz_path), os.path.basename(npz_path)[:-4], updated["data"], updated["seg"],
+              properties)

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from _reliability_data import (TINY_FLAGS, abus_files, cropped, load_script, make_abus_raw, make_brats_raw,
-                               not_an_image, other_spacing, rewrite, tiny_retina_checkpoint,
+                               not_an_image, other_spacing, rewrite, rewrite_case, tiny_retina_checkpoint,
                                tiny_segmamba_checkpoint, truncate, with_nan, write_2d, write_4d)
-from light_training.io import load_case, read_image, save_case, write_image
+from light_training.io import load_case, read_image, write_image
 from light_training.splits import save_splits
 
 
@@ -192,20 +192,13 @@ def _predict_args(root, data, splits, out, *extra):
             "--no_progress", *extra]
 
 
-def _npz_with(path, **arrays):
-    """Rewrite a preprocessed case's arrays (keeping its properties)."""
-    data, seg, properties = load_case(path)
-    updated = {"data": data, "seg": seg, **arrays}
-    save_case(os.path.dirname(path), os.path.basename(path)[:-4], updated["data"], updated["seg"], properties)
-
-
 BRATS_CASE_FAULTS = {
     "missing case file": (lambda npz: os.remove(npz), ["npz", "not found"]),
     "truncated npz": (truncate, ["npz", "corrupt or truncated"]),
     "not an npz behind .npz": (not_an_image, ["npz", "corrupt or truncated"]),
     "missing properties json": (lambda npz: os.remove(npz[:-4] + ".json"), [".json", "not found"]),
-    "NaN in the image data": (lambda npz: _npz_with(npz, data=with_nan(load_case(npz)[0])), ["npz", "NaN"]),
-    "wrong channel count": (lambda npz: _npz_with(npz, data=load_case(npz)[0][:2]),
+    "NaN in the image data": (lambda npz: rewrite_case(npz, data=with_nan(load_case(npz)[0])), ["npz", "NaN"]),
+    "wrong channel count": (lambda npz: rewrite_case(npz, data=load_case(npz)[0][:2]),
                             ["npz", "2 channels, the model expects 4"]),
 }
 
@@ -390,7 +383,7 @@ def _abus_predict(root, data_dir, out, *extra):
 
 ABUS_CASE_FAULTS = {
     "truncated npz": (truncate, ["ABUS_001.npz", "corrupt or truncated"]),
-    "NaN in the image data": (lambda npz: _npz_with(npz, data=with_nan(load_case(npz)[0])),
+    "NaN in the image data": (lambda npz: rewrite_case(npz, data=with_nan(load_case(npz)[0])),
                               ["ABUS_001.npz", "NaN"]),
     "case id present twice (a copied case)": (
         lambda npz: [shutil.copy(npz.replace("ABUS_001", "ABUS_000")[:-4] + ext, npz[:-4] + ext)
