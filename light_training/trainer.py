@@ -365,6 +365,13 @@ class Trainer:
             self.logger.warning(f"max_epochs/iterations changed since the checkpoint: the poly schedule now ends "
                                 f"at step {self.total_steps} (was {self.scheduler.total_steps})")
             self.scheduler.total_steps = self.total_steps
+            if hasattr(self.scheduler, "lr_at"):
+                # The optimiser still holds the rate the OLD schedule set for the next step (0 at its end):
+                # recompute it on the new schedule, or the first step after the resume would use it.
+                rates = [self.scheduler.lr_at(base, self.scheduler.last_epoch) for base in self.scheduler.base_lrs]
+                for group, rate in zip(self.optimizer.param_groups, rates):
+                    group["lr"] = rate
+                self.scheduler._last_lr = rates
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.epoch = int(checkpoint["epoch"])

@@ -213,3 +213,39 @@ def test_abus_retina_training_on_nan_data_stops_with_a_clear_error_and_never_wri
     for checkpoint in (tmp_path / "run" / "model").glob("*.pt"):
         state = load_checkpoint(checkpoint)
         assert tensors_are_finite(state["model"].values()) and state["nonfinite_total"] == 2
+
+
+# ======================================================================================== schedule on resume
+def test_resuming_with_more_epochs_continues_the_learning_rate_on_the_longer_schedule(tmp_path):
+    from light_training.lr_scheduler import poly_lr
+    from light_training.trainer import Trainer, TrainerConfig
+
+    def batches(start_batch=0):
+        index = start_batch
+        while True:
+            rng = np.random.default_rng(index)
+            data = torch.from_numpy(rng.normal(size=(1, 1, 4, 4, 4)).astype(np.float32))
+            yield {"data": data, "seg": (data > 0).long()}
+            index += 1
+
+    class RecordingTrainer(Trainer):
+        rates: list = []
+
+        def training_step(self, batch):
+            self.rates.append(self.optimizer.param_groups[0]["lr"])  # the rate this step is taken with
+            return super().training_step(batch)
+
+    def trainer(max_epochs):
+        torch.manual_seed(0)
+        model = torch.nn.Conv3d(1, 2, 1)
+        config = TrainerConfig(logdir=str(tmp_path / "run"), max_epochs=max_epochs, iterations_per_epoch=3,
+                               progress_bar=False, tensorboard=False)
+        return RecordingTrainer(model, config, batches)
+
+    trainer(2).fit()  # 6 steps, schedule of 6 steps: its last step ran at poly_lr(0.01, 5, 6)
+    RecordingTrainer.rates = []
+    longer = trainer(4)
+    longer.fit(resume=True)  # steps 6..11 of a 12-step schedule
+    expected = [poly_lr(0.01, step, 12) for step in range(6, 12)]
+    assert RecordingTrainer.rates == pytest.approx(expected, rel=1e-12)
+    assert RecordingTrainer.rates[0] == pytest.approx(0.01 * 0.5 ** 0.9)  # not 0, the old schedule's end
