@@ -78,7 +78,13 @@ def segment_cases(args, names: List[str]) -> Tuple[Dict[str, np.ndarray], Dict[s
 
     device = resolve_device(args.device)
     checkpoint = read_checkpoint(args.model_path)
-    model = SegMamba(**(checkpoint.get("model_config") or {"in_chans": 1, "out_chans": 2}))
+    import inspect
+
+    # A checkpoint of another model (e.g. SegMamba-Retina) keeps only the settings SegMamba knows; the strict
+    # weight loading below then refuses it with the differing keys listed.
+    accepted = inspect.signature(SegMamba).parameters
+    stored = checkpoint.get("model_config") or {"in_chans": 1, "out_chans": 2}
+    model = SegMamba(**{key: value for key, value in stored.items() if key in accepted})
     load_model_weights(model, checkpoint, strict=True, name=args.model_path)
     model.to(device).eval()
     settings = checkpoint.get("run_settings") or {}

@@ -101,6 +101,7 @@ def test_brats_training_killed_mid_epoch_resumes_to_the_uninterrupted_runs_check
                                    load_checkpoint(tmp_path / "killed" / "model" / name))
     final = load_checkpoint(tmp_path / "killed" / "model" / "final_model.pt")
     assert (final["epoch"], final["global_step"]) == (1, 4)
+    assert sorted(os.listdir(tmp_path)) == ["killed", "straight"]  # nothing in the working directory
 
 
 @pytest.fixture
@@ -193,6 +194,7 @@ def test_abus_retina_training_killed_mid_epoch_resumes_to_the_uninterrupted_runs
         assert_same_training_state(load_checkpoint(tmp_path / "straight" / "model" / name),
                                    load_checkpoint(tmp_path / "killed" / "model" / name))
     assert load_checkpoint(tmp_path / "killed" / "model" / "final_model.pt")["global_step"] == 4
+    assert sorted(os.listdir(tmp_path)) == ["killed", "straight"]
 
 
 def test_abus_retina_training_on_nan_data_stops_with_a_clear_error_and_never_writes_nan_weights(
