@@ -22,7 +22,7 @@ file when the model file and all settings are unchanged (``--overwrite`` predict
 whose files are unreadable, hold NaN/Inf or disagree about the case name fails (listed at the end).
 
 Exit codes: 0 all cases done; 3 some cases failed (listed at the end; the others are written); 1 nothing could
-be done, or ``--strict`` and a case failed.
+be done, or ``--strict`` and a case failed; 2 impossible settings (a device that does not exist).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ if ROOT not in sys.path:
 
 DATA_DIR_TEST = "./data/abus/test"
 SAVE_PATH = "./prediction_results/segmamba_abus_retina"
-EXIT_OK, EXIT_NOTHING, EXIT_SOME_FAILED = 0, 1, 3
+EXIT_OK, EXIT_NOTHING, EXIT_BAD_SETTINGS, EXIT_SOME_FAILED = 0, 1, 2, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,12 +85,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         device = resolve_device(args.device)
+    except DeviceRequestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    try:
         checkpoint = load_checkpoint(args.model_path)
         model = build_retina_from_checkpoint(checkpoint, source=args.model_path).to(device).eval()
         case_files = list_case_files(args.data_dir_test)
         if not case_files:
             raise FileNotFoundError(f"{args.data_dir_test}: no preprocessed cases (*.npz)")
-    except (DeviceRequestError, CheckpointError, FileNotFoundError, ValueError, TypeError, RuntimeError) as error:
+    except (CheckpointError, FileNotFoundError, ValueError, TypeError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_NOTHING
     stored = checkpoint.get("inference") or {}

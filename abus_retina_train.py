@@ -17,7 +17,8 @@ Dice cannot change then; ``combined`` = (Dice + FROC@0.3) / 2 when the whole mod
 
 One epoch is one pass over the training cases (``ceil(cases / batch_size)`` iterations) unless
 ``--iterations_per_epoch`` says otherwise. A step with a NaN/Inf loss or gradient is skipped, counted and logged;
-``--max_nonfinite_steps`` such steps in a row stop training. Exit codes: 0 done; 1 stopped with an error (printed).
+``--max_nonfinite_steps`` such steps in a row stop training. Exit codes: 0 done; 1 stopped with an error (printed);
+2 impossible settings (e.g. more GPUs than exist).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ DATA_DIR_TRAIN = "./data/abus/train"
 DATA_DIR_VAL = "./data/abus/val"
 SAVE_DIR = "./logs/segmamba_abus_retina"
 PATCH_SIZE = (128, 128, 128)
-EXIT_OK, EXIT_ERROR = 0, 1
+EXIT_OK, EXIT_ERROR, EXIT_BAD_SETTINGS = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_nonfinite_steps < 1:
         print(f"error: --max_nonfinite_steps must be >= 1, got {args.max_nonfinite_steps}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_BAD_SETTINGS
     from detection.atss_matcher import ATSSMatcher
     from detection.losses import RetinaDetectionLoss
     from detection.retina_training import RetinaTrainer, RetinaValidator, make_retina_patch_loader
@@ -139,7 +140,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         context = setup_distributed(args.device, args.num_gpus)
     except DeviceRequestError as error:
         print(f"error: {error}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_BAD_SETTINGS
     try:
         pretrained_config = None
         if args.pretrained_seg:

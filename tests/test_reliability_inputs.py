@@ -553,3 +553,12 @@ def test_abus_detection_metrics_list_a_case_without_entry_and_strict_stops(abus_
     shutil.rmtree(pred_dir / "metrics")
     assert script.main([*args, "--strict"]) == 1
     assert "strict" in capsys.readouterr().err and not (pred_dir / "metrics").exists()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 8, reason="needs a machine without a ninth GPU")
+@pytest.mark.parametrize("script", ["4_predict.py", "abus_retina_predict.py"])
+def test_prediction_on_a_device_that_does_not_exist_is_refused_as_bad_settings(script, tmp_path, capsys):
+    flag = "--checkpoint" if script == "4_predict.py" else "--model_path"
+    assert load_script(script).main([flag, str(tmp_path / "model.pt"), "--device", "cuda:8", "--no_progress"]) == 2
+    assert "cuda:8" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []

@@ -133,7 +133,7 @@ def test_killing_a_writer_at_random_moments_leaves_only_whole_old_or_new_files(t
         interrupted_writes += bool(temporaries(out))
         for leftover in temporaries(out):  # what an interrupted write leaves: only under a temporary name
             os.remove(out / leftover)
-        if interrupted_writes >= 2 and attempt >= 2:
+        if interrupted_writes >= 1 and attempt >= 1:
             break
     assert interrupted_writes >= 1, "no kill landed inside a write; the test proved nothing"
     assert sorted(os.listdir(tmp_path)) == ["out", "writer.py"]
