@@ -33,12 +33,12 @@ DEVICE = "auto"
 BRATS_CASES = 8                         # 5 train / 1 val / 2 test with the 70/10/20 split
 BRATS_SHAPE = (48, 64, 64)              # Z Y X voxels of the synthetic raw volumes
 BRATS_ROI = (32, 32, 32)                # training patch and sliding window (multiple of 16, >= 32)
-BRATS_FEAT_SIZE = (8, 16, 32, 64)       # a narrow SegMamba (the real one is 48 96 192 384) for CPU speed
-BRATS_HIDDEN_SIZE = 64
+BRATS_FEAT_SIZE = (16, 32, 64, 128)     # a narrow SegMamba (the real one is 48 96 192 384) for CPU speed
+BRATS_HIDDEN_SIZE = 128                 # (narrower still, 8 16 32 64, often never learns the tumour core)
 BRATS_EPOCHS = 6
 BRATS_ITERATIONS = 10                   # per epoch: 60 optimiser steps in all
 BRATS_VAL_EVERY = 2
-BRATS_BATCH_SIZE = 2
+BRATS_BATCH_SIZE = 1
 # With only 60 steps, CE alone learns the whole tumour but not its small core; Dice+CE on tumour-centred
 # patches learns all three regions (the scripts' defaults stay the reference's: ce, 0.33).
 BRATS_LOSS = "dice_ce"
