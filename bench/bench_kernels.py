@@ -114,13 +114,13 @@ def main():
            "scan_path": active_backend("cuda"), "copy_TBps": copy_bandwidth(), "scan": [], "conv": []}
     from mamba_ssm.ops import cuda_backend
     cuda_backend.available()
-    for prefetch in (True, False):
+    for prefetch in (False, True):  # the default (no cross-chunk prefetch), then the prefetching variant
         cuda_backend._EXT.set_prefetch(prefetch)
         for dt in (torch.float32, torch.float16, torch.bfloat16):
             r = bench_scan(dt)
-            r["impl"] = "kernel" + ("" if prefetch else "-noprefetch")
+            r["impl"] = "kernel" + ("-prefetch" if prefetch else "")
             res["scan"].append(r)
-    cuda_backend._EXT.set_prefetch(True)
+    cuda_backend._EXT.set_prefetch(False)
     if not args.no_pytorch:
         res["scan"].append(bench_scan(torch.float32, impl="pytorch-chunked"))
     for dt in (torch.float32, torch.float16):

@@ -19,7 +19,7 @@ using selective_scan::Params;
 // kernels fail to write shows up as NaN instead of passing with stale memory.
 bool g_poison = false;
 // Benchmark aid: issue the next chunk's loads before walking the current one (default on).
-bool g_prefetch = true;
+bool g_prefetch = false;  // measured 3-6% faster off on an H200; both variants pass the GPU tests
 
 at::Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   at::Tensor t = at::empty(sizes, opts);

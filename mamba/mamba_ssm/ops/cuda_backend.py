@@ -32,6 +32,9 @@ def available() -> bool:
             from mamba_ssm import _selective_scan_cuda
             _EXT = _selective_scan_cuda
             _AVAILABLE = True
+            prefetch = os.environ.get("SEGMAMBA_SCAN_PREFETCH")
+            if prefetch is not None and hasattr(_EXT, "set_prefetch"):
+                _EXT.set_prefetch(prefetch != "0")
         except ImportError:
             _AVAILABLE = False
     return _AVAILABLE
