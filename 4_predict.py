@@ -36,6 +36,7 @@ SW_BATCH_SIZE = 2
 MIRROR_TTA = True                             # average the probabilities of the 8 flips (8x slower)
 DEVICE = "auto"                               # auto, cpu, cuda, cuda:N
 AMP = "fp16"                                  # CUDA autocast dtype: fp16, bf16 or none
+COMPILE = "auto"                              # torch.compile: auto (on CUDA; ~1.8x faster windows), on, off
 IN_CHANNELS = 4
 NUM_CLASSES = 4
 DEPTHS = (2, 2, 2, 2)                         # architecture flags: only used for bare state-dict files
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"mirror test-time augmentation over z, y, x (default: {MIRROR_TTA})")
     add("--device", default=DEVICE, help=f"(default: {DEVICE})")
     add("--amp", choices=["fp16", "bf16", "none"], default=AMP, help=f"(default: {AMP})")
+    add("--compile", choices=["auto", "on", "off"], default=COMPILE,
+        help=f"torch.compile the network; auto = on CUDA only, the first windows take 1-2 min longer (default: {COMPILE})")
     add("--depths", type=int, nargs=4, default=list(DEPTHS), help="architecture of a bare state-dict checkpoint")
     add("--feat_size", type=int, nargs=4, default=list(FEAT_SIZE), help="architecture of a bare state-dict checkpoint")
     add("--hidden_size", type=int, default=HIDDEN_SIZE, help="architecture of a bare state-dict checkpoint")
@@ -97,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from light_training.compile import compile_network
     from light_training.distributed import DeviceRequestError, resolve_device
     from light_training.evaluation import brats_validation_dice
     from light_training.io import ImageGeometry, check_finite_input, load_case, sanitize_case_name, write_image
@@ -128,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.data_dir}: preprocessed data directory not found", file=sys.stderr)
         return EXIT_NOTHING
     model = model.to(device)
+    compile_network(model, args.compile, device, say=print)
     trained = checkpoint.get("run_settings", {}) or {}
     epoch = checkpoint.get("epoch")
     print(f"model: SegMamba {model_config}, {sum(p.numel() for p in model.parameters()):,} parameters, "
