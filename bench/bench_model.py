@@ -7,7 +7,11 @@ median of ``--repeat`` CUDA-event-timed runs after warm-up; peak memory is torch
 during the timed runs. Also times sliding-window inference of one BraTS-sized volume (4 × 140 × 170 × 140)
 with and without 8-way mirror TTA. Prints a table and writes JSON.
 
-    python bench/bench_model.py --out bench_model.json [--models segmamba,swinunetr,unetr] [--amp fp16]
+    python bench/bench_model.py --out bench_model.json [--models segmamba,segmamba+compile,swinunetr,unetr]
+        [--amp fp16] [--sw_compile]
+
+A ``+compile`` suffix runs the model through light_training.compile (torch.compile, as the scripts' --compile
+does); ``+cl`` uses channels-last 3D tensors.
 """
 import argparse
 import json
@@ -51,13 +55,34 @@ def events_time(fn, warmup, repeat):
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
 
 
+def apply_variant(model, x, variant):
+    """Variant suffixes of a model name: ``+cl`` channels-last 3D weights and input; ``+compile``
+    :func:`light_training.compile.compile_network` (torch.compile, Mamba blocks eager, as the scripts do);
+    ``+compilescan`` the same with only the Mamba scans eager."""
+    if "cl" in variant:
+        model = model.to(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    if "compile" in variant or "compilescan" in variant:  # exactly what the training and prediction scripts do with --compile
+        from light_training.compile import compile_network
+        compile_network(model, "on", x.device, say=print, eager="scan" if "compilescan" in variant else "block")
+    return model, x
+
+
 def bench_one(name, amp, repeat):
-    force_pytorch = name == "segmamba-pytorch"
+    base, *variant = name.split("+")
+    force_pytorch = base == "segmamba-pytorch"
     os.environ["SEGMAMBA_FORCE_PYTORCH"] = "1" if force_pytorch else "0"
     torch.manual_seed(0)
-    model = build(name).cuda()
+    model = build(base).cuda()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
     x = torch.randn(2, 4, 128, 128, 128, device="cuda")
+    model, x = apply_variant(model, x, variant)
+    if "compile" in variant or "compilescan" in variant:  # compile (train graph) once before timing, and report how long it took
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=dtype):
+            F.cross_entropy(model(x), torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.long, device="cuda")).backward()
+        torch.cuda.synchronize()
+        print(f"{name}: first train step (compile) {time.perf_counter() - t0:.1f} s", flush=True)
     y = torch.randint(0, 4, (2, 128, 128, 128), device="cuda")
     opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
     scaler = torch.amp.GradScaler("cuda", enabled=(amp == "fp16"))
@@ -76,7 +101,7 @@ def bench_one(name, amp, repeat):
     model.train()
     t_train, m_train = events_time(step, 1 if slow else 3, 3 if slow else repeat)
     del opt, scaler
-    x1 = x[:1].contiguous()
+    x1 = x[:1].contiguous(memory_format=torch.channels_last_3d if "cl" in variant else torch.contiguous_format)
     model.eval()
 
     def infer():
@@ -92,22 +117,27 @@ def bench_one(name, amp, repeat):
     return res
 
 
-def bench_sliding_window(amp):
+def bench_sliding_window(amp, compiled=False):
     from light_training.prediction import SlidingWindowConfig, SlidingWindowPredictor
     from model_segmamba import SegMamba
     os.environ["SEGMAMBA_FORCE_PYTORCH"] = "0"
     model = SegMamba(4, 4).cuda().eval()
+    suffix = ""
+    if compiled:
+        from light_training.compile import compile_network
+        compile_network(model, "on", torch.device("cuda"), say=print)
+        suffix = "+compile"
     vol = torch.randn(4, 140, 170, 140)
     out = {}
     for i, (tta, axes) in enumerate((("none", ()), ("mirror8", (0, 1, 2)))):
         pred = SlidingWindowPredictor(SlidingWindowConfig(mirror_axes=axes, amp_dtype=amp), device="cuda")
         if i == 0:
-            pred.predict_probabilities(model, vol)  # warm-up
+            pred.predict_probabilities(model, vol)  # warm-up (and compilation)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         pred.predict_probabilities(model, vol)
         torch.cuda.synchronize()
-        out[tta] = (time.perf_counter() - t0) * 1000
+        out[tta + suffix] = (time.perf_counter() - t0) * 1000
     return out
 
 
@@ -118,6 +148,7 @@ def main():
     ap.add_argument("--amp", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--no_sliding_window", action="store_true")
+    ap.add_argument("--sw_compile", action="store_true", help="also time the sliding window with --compile on")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "amp": args.amp, "models": []}
@@ -128,6 +159,8 @@ def main():
               f"infer {r['infer_ms']:7.1f} ms {r['infer_peak_GiB']:5.2f} GiB", flush=True)
     if not args.no_sliding_window:
         res["sliding_window_4x140x170x140_ms"] = bench_sliding_window(args.amp)
+        if args.sw_compile:
+            res["sliding_window_4x140x170x140_ms"].update(bench_sliding_window(args.amp, compiled=True))
         print("sliding window 4x140x170x140:", {k: round(v, 1) for k, v in res["sliding_window_4x140x170x140_ms"].items()})
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

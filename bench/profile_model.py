@@ -2,7 +2,7 @@
 
 Batch 2 x 4 x 128^3, fp16 autocast, SGD step. Prints the top CUDA kernels and a category table; writes JSON.
 
-    python bench/profile_model.py --out profile_model.json
+    python bench/profile_model.py --out profile_model.json [--compile]
 """
 import argparse
 import json
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CATEGORIES = [  # first match wins; matched against the lower-cased kernel name
+    ("Inductor fused (norm/act/add)", ("triton_",)),
     ("selective scan", ("selective_scan", "fwd_local", "fwd_out", "bwd_local", "bwd_main", "carry_")),
     ("causal conv1d", ("conv_fwd_kernel", "conv_bwd_kernel")),
     ("conv3d (cuDNN)", ("conv", "cudnn", "implicit", "sm90_xmma", "xmma", "cutlass", "wgrad", "dgrad", "fprop")),
@@ -39,10 +40,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="profile_model.json")
     ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--compile", action="store_true", help="profile the network compiled as --compile on does")
     args = ap.parse_args()
     from model_segmamba import SegMamba
     torch.backends.cudnn.benchmark = True
     model = SegMamba(4, 4).cuda().train()
+    if args.compile:
+        from light_training.compile import compile_network
+        compile_network(model, "on", torch.device("cuda"), say=print)
     s = args.size
     x = torch.randn(2, 4, s, s, s, device="cuda")
     y = torch.randint(0, 4, (2, s, s, s), device="cuda")
