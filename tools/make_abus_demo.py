@@ -180,7 +180,8 @@ def demo_steps(settings, step_type) -> list:
             py, "abus_train.py", "--data_dir_train", os.path.join(data, "train"), "--data_dir_val",
             os.path.join(data, "val"), "--logdir", paths["seg_logs"], "--max_epoch", str(DEMO_SEG_EPOCHS),
             "--iterations_per_epoch", str(DEMO_SEG_ITERATIONS), "--val_every", str(DEMO_SEG_EPOCHS),
-            "--num_workers", str(settings.num_workers), "--device", device, *patch, *DEMO_MODEL, *quiet],
+            "--num_workers", str(settings.num_workers), "--device", device, *patch, *DEMO_MODEL,
+            "--compile", "off", *quiet],  # compiling would cost more than the few demo steps gain
             outputs=[os.path.join(paths["seg_logs"], "progress.png")]),
         step_type("ABUS 3: SegMamba-Retina training (frozen backbone)", [
             py, "abus_retina_train.py", "--data_dir_train", os.path.join(data, "train"), "--data_dir_val",
