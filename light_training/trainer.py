@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, capture_rng_state, load_checkpoint,
-                         restore_rng_state, save_checkpoint_atomic, tensors_are_finite)
+                         remove_stale_checkpoint_temporaries, restore_rng_state, save_checkpoint_atomic,
+                         tensors_are_finite)
 from .distributed import DistributedContext, all_gather_objects, all_reduce_mean
 from .lr_scheduler import PolyLRScheduler
 from .compile import compile_network
@@ -401,6 +402,11 @@ class Trainer:
         A fresh run refuses to start over an existing checkpoint unless ``overwrite`` is set.
         """
         latest = self.model_dir / FINAL_CHECKPOINT
+        if self._is_main:
+            leftovers = remove_stale_checkpoint_temporaries(self.model_dir)
+            if leftovers:
+                self.logger.info(f"removed {len(leftovers)} partial checkpoint file(s) that an interrupted run left "
+                                 f"in {self.model_dir}: {', '.join(leftovers)}")
         if resume and latest.is_file():
             self.load_checkpoint(latest)
             self.logger.info(f"resuming from {latest}: epoch {self.epoch + 2} of {self.config.max_epochs}, "

@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import math
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -272,6 +275,34 @@ def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypa
     monkeypatch.setattr(torch, "save", original_save)
     assert load_checkpoint(path)["epoch"] == 1
     assert os.listdir(path.parent) == ["final_model.pt"]  # no temporary file left behind
+
+
+def test_resume_removes_partial_checkpoints_of_killed_writers_but_not_of_live_ones(tmp_path):
+    """A SIGKILL during save_checkpoint_atomic leaves '.final_model.pt.tmp-PID' (hundreds of MB for the real
+    model); the next start removes it, unless the writing process still runs."""
+    Trainer(tiny_model(), config(tmp_path, max_epochs=1), ToyBatchStream()).fit()
+    model_dir = tmp_path / "run" / "model"
+    writer = subprocess.Popen([sys.executable, "-c", "import os, sys, time\n"
+                               f"open(os.path.join({str(model_dir)!r}, '.final_model.pt.tmp-%d' % os.getpid()), "
+                               "'wb').write(b'partial'); print('written', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "written"
+    dead = f".final_model.pt.tmp-{writer.pid}"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (model_dir / f".best_model.pt.tmp-{live.pid}").write_bytes(b"still being written")
+        (model_dir / "notes.tmp-1").write_bytes(b"not a checkpoint temporary")
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=30)
+        Trainer(tiny_model(), config(tmp_path, max_epochs=2), ToyBatchStream()).fit(resume=True)
+        names = sorted(p.name for p in model_dir.iterdir())
+        assert dead not in names
+        assert f".best_model.pt.tmp-{live.pid}" in names and "notes.tmp-1" in names
+        assert "removed 1 partial checkpoint" in (tmp_path / "run" / "train.log").read_text()
+    finally:
+        live.kill()
+        live.wait()
+        writer.stdout.close()
 
 
 def test_unreadable_checkpoint_error_names_the_file(tmp_path):
