@@ -24,6 +24,7 @@ WORKER = textwrap.dedent('''
     from light_training.trainer import Trainer, TrainerConfig
 
     out_dir = sys.argv[1]
+    compile_setting = sys.argv[2]
     context = setup_distributed("cpu", num_gpus=1)
     rank = context.rank
     saves = []
@@ -51,11 +52,19 @@ WORKER = textwrap.dedent('''
             self.seen.append(index)
             return {"mean_dice": index / 10}
 
+    class Net(torch.nn.Sequential):
+        """The reference's layers with a forward in user code: Dynamo does not trace torch's own
+        Sequential.forward, so a compiled plain Sequential would silently run eagerly."""
+        def forward(self, x):
+            for layer in self:
+                x = layer(x)
+            return x
+
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(3, 2, 1))
+    model = Net(torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(3, 2, 1))
     validator = IndexValidator()
     config = TrainerConfig(logdir=os.path.join(out_dir, "run"), max_epochs=1, iterations_per_epoch=2, val_every=1,
-                           progress_bar=False, tensorboard=True, deterministic=True)
+                           progress_bar=False, tensorboard=True, deterministic=True, compile=compile_setting)
     trainer = Trainer(model, config, lambda start_batch: batches(start_batch), validator=validator, context=context)
     result = trainer.fit()
     trainer.close()
@@ -66,24 +75,30 @@ WORKER = textwrap.dedent('''
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump({"rank": rank, "world_size": context.world_size, "saves": saves, "validated": validator.seen,
                    "metrics": result.last_metrics, "steps": trainer.global_step,
-                   "is_ddp": type(trainer.network).__name__}, handle)
+                   "is_ddp": type(trainer.network).__name__, "compiled": trainer.compiled,
+                   "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}, handle)
     cleanup_distributed()
 ''')
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_ranks_average_gradients_and_only_rank0_writes(tmp_path):
+@pytest.mark.parametrize("compile_setting", ["off", "on"])
+def test_torchrun_two_cpu_ranks_average_gradients_and_only_rank0_writes(tmp_path, compile_setting):
+    """Also with the network compiled in place (--compile on), as CUDA runs do by default: DDP must still
+    average the gradients of the compiled backward."""
     worker = tmp_path / "ddp_worker.py"
     worker.write_text(WORKER)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(worker), str(tmp_path)]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+               str(worker), str(tmp_path), compile_setting]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
 
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in reports] == [0, 1] and all(r["world_size"] == 2 for r in reports)
     assert all(r["is_ddp"] == "DistributedDataParallel" for r in reports)
+    assert all(r["compiled"] == (compile_setting == "on") for r in reports)
+    assert all((r["graphs"] > 0) == (compile_setting == "on") for r in reports)  # compiled code really ran
     assert all(r["steps"] == 1 for r in reports)  # 2 iterations per epoch shared by 2 ranks
     # validation cases split over ranks, metrics gathered: mean of 0.0, 0.1, 0.2 on both ranks
     assert sorted(reports[0]["validated"] + reports[1]["validated"]) == [0, 1, 2]
