@@ -22,11 +22,12 @@ gives the whole precision-recall and FROC curve.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+
+from light_training.utils.files import atomic_path
 
 from .boxes import FILE_FORMAT, box_iou
 
@@ -263,12 +264,8 @@ def plot_froc(results: Sequence[FROCResult], path: str, title: str = "FROC") -> 
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    # Written under a temporary name in the same folder, then renamed: never a half-written PNG.
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    try:
-        fig.savefig(tmp_path, dpi=120, format="png")
-        os.replace(tmp_path, path)
+    try:  # written under a temporary name in the same folder, then renamed: never a half-written PNG
+        with atomic_path(path) as tmp_path:
+            fig.savefig(tmp_path, dpi=120, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import numpy as np
 import torch
+
+from .utils.files import atomic_path
 
 CHECKPOINT_FORMAT = "segmamba-checkpoint"
 PathLike = Union[str, "os.PathLike[str]"]
@@ -40,59 +41,19 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint_atomic(state: Mapping[str, Any], path: PathLike) -> Path:
-    """Write ``state`` with ``torch.save`` to a temporary file next to ``path``, then rename it into place.
+    """Write ``state`` with ``torch.save`` to a temporary file next to ``path`` (:func:`atomic_path`), then
+    rename it into place.
 
-    A process killed mid-write leaves the previous file (or none), never a truncated one.
+    A process killed mid-write leaves the previous file (or none), never a truncated one; its temporary is
+    removed by :func:`light_training.utils.files.remove_stale_temporaries` when training starts again.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as temporary:
         with open(temporary, "wb") as handle:
             torch.save(dict(state), handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
     return path
-
-
-_TEMPORARY_NAME = re.compile(r"^\..+\.tmp-(\d+)$")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists under another user, or cannot tell: keep its file
-    return True
-
-
-def remove_stale_checkpoint_temporaries(folder: PathLike) -> List[str]:
-    """Delete the temporaries (``.NAME.tmp-PID``) that :func:`save_checkpoint_atomic` left in ``folder`` when
-    its process was killed mid-write; returns their names. A file whose writing process still runs (or may
-    run: another user's) is kept, so a second run writing into the same folder is never disturbed."""
-    folder = Path(folder)
-    removed: List[str] = []
-    if not folder.is_dir():
-        return removed
-    for entry in sorted(folder.iterdir()):
-        match = _TEMPORARY_NAME.match(entry.name)
-        if not match or not entry.is_file():
-            continue
-        pid = int(match.group(1))
-        if pid == os.getpid() or _process_alive(pid):
-            continue
-        try:
-            entry.unlink()
-            removed.append(entry.name)
-        except OSError:
-            pass
-    return removed
 
 
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:

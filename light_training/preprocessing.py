@@ -33,7 +33,7 @@ import numpy as np
 
 from light_training.io import (ImageGeometry, is_case_complete, load_case_properties, read_image,
                                read_images_as_channels, sanitize_case_name, save_case, case_paths)
-from light_training.utils.files import TEMP_MARKER
+from light_training.utils.files import remove_stale_temporaries
 
 __all__ = ["RawCase", "PreprocessingConfig", "PreprocessingReport", "PreprocessingError", "nonzero_mask",
            "bounding_box", "crop_to_bbox", "crop_to_nonzero", "compute_new_shape", "resample_data",
@@ -360,18 +360,6 @@ def _process_and_save(case: RawCase, out_dir: str, config: PreprocessingConfig, 
         return case.name, "failed", message
 
 
-def _remove_stale_temporaries(out_dir: str) -> None:
-    if not os.path.isdir(out_dir):
-        return
-    for entry in os.listdir(out_dir):
-        if entry.startswith(TEMP_MARKER):
-            try:
-                os.remove(os.path.join(out_dir, entry))
-                logger.info("removed unfinished file %s from an interrupted run", entry)
-            except OSError:
-                pass
-
-
 def preprocess_cases(cases: Sequence[RawCase], out_dir: str | os.PathLike, config: PreprocessingConfig | None = None,
                      num_workers: int = 1, overwrite: bool = False, strict: bool = False,
                      progress: bool = True) -> PreprocessingReport:
@@ -394,7 +382,8 @@ def preprocess_cases(cases: Sequence[RawCase], out_dir: str | os.PathLike, confi
     for case in cases:
         sanitize_case_name(case.name)
     os.makedirs(out_dir, exist_ok=True)
-    _remove_stale_temporaries(out_dir)
+    for entry in remove_stale_temporaries(out_dir):
+        logger.info("removed unfinished file %s from an interrupted run", entry)
     report = PreprocessingReport()
 
     def record(name: str, status: str, error: str | None) -> None:

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from tqdm.auto import tqdm
+
+from .utils.files import atomic_path
 
 LOGGER_NAME = "light_training.training"  # a leaf logger: its settings never affect other modules' loggers
 
@@ -131,14 +132,8 @@ def plot_progress(history: TrainingHistory, path: Union[str, Path], selection_ke
     val_axes.grid(alpha=0.3)
     figure.suptitle("training progress" + (f" (model selection: {selection_key})" if selection_key else ""))
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
+    with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png")
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
     return path
 
 
@@ -192,12 +187,6 @@ def plot_segmentation_overlay(image: "np.ndarray", ground_truth: "np.ndarray", p
     figure.suptitle((title + " — " if title else "") + f"axial slice z = {slice_index}")
     figure.tight_layout(rect=(0, 0.06, 1, 0.95))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
+    with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png")
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
     return path

@@ -22,7 +22,7 @@ import math
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
@@ -32,13 +32,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, capture_rng_state, load_checkpoint,
-                         remove_stale_checkpoint_temporaries, restore_rng_state, save_checkpoint_atomic,
-                         tensors_are_finite)
+                         restore_rng_state, save_checkpoint_atomic, tensors_are_finite)
 from .distributed import DistributedContext, all_gather_objects, all_reduce_mean
 from .lr_scheduler import PolyLRScheduler
 from .compile import compile_network
 from .prediction import SlidingWindowConfig, SlidingWindowPredictor, labels_from_probabilities
 from .progress import TrainingHistory, plot_progress, setup_logging
+from .utils.files import remove_stale_temporaries
 
 BEST_CHECKPOINT = "best_model.pt"
 FINAL_CHECKPOINT = "final_model.pt"
@@ -403,7 +403,7 @@ class Trainer:
         """
         latest = self.model_dir / FINAL_CHECKPOINT
         if self._is_main:
-            leftovers = remove_stale_checkpoint_temporaries(self.model_dir)
+            leftovers = remove_stale_temporaries(self.model_dir)
             if leftovers:
                 self.logger.info(f"removed {len(leftovers)} partial checkpoint file(s) that an interrupted run left "
                                  f"in {self.model_dir}: {', '.join(leftovers)}")

@@ -278,26 +278,26 @@ def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypa
 
 
 def test_resume_removes_partial_checkpoints_of_killed_writers_but_not_of_live_ones(tmp_path):
-    """A SIGKILL during save_checkpoint_atomic leaves '.final_model.pt.tmp-PID' (hundreds of MB for the real
-    model); the next start removes it, unless the writing process still runs."""
+    """A SIGKILL during save_checkpoint_atomic leaves its temporary '.tmp-PID-ID-final_model.pt' (hundreds of
+    MB for the real model); the next start removes it, unless the writing process still runs."""
     Trainer(tiny_model(), config(tmp_path, max_epochs=1), ToyBatchStream()).fit()
     model_dir = tmp_path / "run" / "model"
     writer = subprocess.Popen([sys.executable, "-c", "import os, sys, time\n"
-                               f"open(os.path.join({str(model_dir)!r}, '.final_model.pt.tmp-%d' % os.getpid()), "
+                               f"open(os.path.join({str(model_dir)!r}, '.tmp-%d-0badf00d-final_model.pt' % os.getpid()), "
                                "'wb').write(b'partial'); print('written', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     assert writer.stdout.readline().strip() == "written"
-    dead = f".final_model.pt.tmp-{writer.pid}"
+    dead = f".tmp-{writer.pid}-0badf00d-final_model.pt"
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (model_dir / f".best_model.pt.tmp-{live.pid}").write_bytes(b"still being written")
+        (model_dir / f".tmp-{live.pid}-0badf00d-best_model.pt").write_bytes(b"still being written")
         (model_dir / "notes.tmp-1").write_bytes(b"not a checkpoint temporary")
         writer.send_signal(signal.SIGKILL)
         writer.wait(timeout=30)
         Trainer(tiny_model(), config(tmp_path, max_epochs=2), ToyBatchStream()).fit(resume=True)
         names = sorted(p.name for p in model_dir.iterdir())
         assert dead not in names
-        assert f".best_model.pt.tmp-{live.pid}" in names and "notes.tmp-1" in names
+        assert f".tmp-{live.pid}-0badf00d-best_model.pt" in names and "notes.tmp-1" in names
         assert "removed 1 partial checkpoint" in (tmp_path / "run" / "train.log").read_text()
     finally:
         live.kill()

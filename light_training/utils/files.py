@@ -28,8 +28,9 @@ TEMP_MARKER = ".tmp-"
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path next to ``path``; on normal exit move it onto ``path`` atomically.
 
-    The temporary name keeps the full file name as its suffix (``.tmp-<id>-case.nii.gz``), so writers that
-    choose the format from the extension (SimpleITK, ``np.savez``) behave as for the final name.
+    The temporary name keeps the full file name as its suffix (``.tmp-<pid>-<id>-case.nii.gz``), so writers
+    that choose the format from the extension (SimpleITK, ``np.savez``) behave as for the final name; the
+    writer's process id lets :func:`remove_stale_temporaries` tell a killed writer's leftover from a live one.
     If the body raises, the temporary file is removed and ``path`` is left untouched.
     The parent directory is created when missing.
 
@@ -40,7 +41,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f"{TEMP_MARKER}{uuid.uuid4().hex[:12]}-{final.name}"
+    tmp = final.parent / f"{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}"
     try:
         yield str(tmp)
         if not tmp.exists():
@@ -53,15 +54,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
                 tmp.unlink()
 
 
+def _written_by_another_live_process(entry: str) -> bool:
+    """True when the temporary ``entry`` names a process id (``.tmp-<pid>-...``) other than this one that
+    still runs (or may run: another user's). This process cannot be mid-write when a stage starts, so a file
+    with its own id is a leftover of an earlier process that had the same id (e.g. in a container)."""
+    pid_text = entry[len(TEMP_MARKER):].split("-", 1)[0]
+    if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    except OSError:  # PermissionError: it exists under another user
+        return True
+    return True
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
     """Delete the files that writers killed mid-write left in ``folder`` under :func:`atomic_path`'s temporary
-    names (``.tmp-<id>-<name>``); returns their names. Call it when a stage starts writing into its folder
-    (not while another process writes there)."""
+    names (``.tmp-<pid>-<id>-<name>``); returns their names. Call it when a stage starts writing into its
+    folder: a temporary whose writing process still runs is kept, so a second process writing into the same
+    folder is never disturbed."""
     folder = os.fspath(folder)
     removed = []
     if os.path.isdir(folder):
         for entry in sorted(os.listdir(folder)):
-            if entry.startswith(TEMP_MARKER):
+            if entry.startswith(TEMP_MARKER) and not _written_by_another_live_process(entry):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(folder, entry))
                     removed.append(entry)
