@@ -7,10 +7,11 @@ warm-up, which includes compilation).
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
+
+from timing import cuda_timed
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,17 +32,11 @@ def main():
         model = SegMamba(4, 4).cuda().eval()
         if variant != "eager":
             compile_network(model, "on", x.device, say=lambda _: None, eager=variant.split("-")[1])
-        times = []
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
-            for i in range(3 + args.repeat):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
+        def infer():
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
                 model(x)
-                e.record()
-                torch.cuda.synchronize()
-                if i >= 3:
-                    times.append(s.elapsed_time(e))
-        res["infer_ms"][variant] = statistics.median(times)
+
+        res["infer_ms"][variant] = cuda_timed(infer, 3, args.repeat)[0]
         print(f"{variant:<22} {res['infer_ms'][variant]:7.1f} ms", flush=True)
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -10,24 +10,10 @@ measured in the same run. Prints a table and writes JSON (``--out``).
 """
 import argparse
 import json
-import statistics
 
 import torch
 
-
-def timed(fn, warmup=3, repeat=20):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+from timing import cuda_timed
 
 
 def copy_bandwidth():
@@ -35,7 +21,7 @@ def copy_bandwidth():
     a = torch.empty(n, device="cuda")
     b = torch.empty_like(a)
     a.normal_()
-    ms = timed(lambda: b.copy_(a), 2, 10)
+    ms = cuda_timed(lambda: b.copy_(a), 2, 10)[0]
     return 2 * a.numel() * 4 / (ms * 1e-3) / 1e12  # TB/s counting read + write
 
 
@@ -70,8 +56,8 @@ def bench_scan(dtype, impl="kernel"):
         out.backward(dout)
 
     rep = 20 if impl == "kernel" else 3
-    t_f = timed(fwd, 2, rep)
-    t_fb = timed(fwd_bwd, 2, rep)
+    t_f = cuda_timed(fwd, 2, rep)[0]
+    t_fb = cuda_timed(fwd_bwd, 2, rep)[0]
     el = u.element_size()
     tok = u.numel()
     bc = Bm.numel()
@@ -97,7 +83,7 @@ def bench_conv(dtype):
     def fwd_bwd():
         causal_conv1d_fn(x, w, b, "silu").backward(dout)
 
-    t_f, t_fb = timed(fwd), timed(fwd_bwd)
+    t_f, t_fb = cuda_timed(fwd)[0], cuda_timed(fwd_bwd)[0]
     el = x.element_size()
     return {"dtype": str(dtype).replace("torch.", ""), "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
             "fwd_TBps": 2 * x.numel() * el / (t_f * 1e-3) / 1e12,

@@ -16,12 +16,13 @@ does); ``+cl`` uses channels-last 3D tensors.
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+from timing import cuda_timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -37,22 +38,6 @@ def build(name):
     if name == "unetr":
         return nets.UNETR(in_channels=4, out_channels=4, img_size=(128, 128, 128))
     raise ValueError(name)
-
-
-def events_time(fn, warmup, repeat):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeat):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
 
 
 def apply_variant(model, x, variant):
@@ -99,7 +84,7 @@ def bench_one(name, amp, repeat):
 
     slow = force_pytorch
     model.train()
-    t_train, m_train = events_time(step, 1 if slow else 3, 3 if slow else repeat)
+    t_train, m_train = cuda_timed(step, 1 if slow else 3, 3 if slow else repeat)
     del opt, scaler
     x1 = x[:1].contiguous(memory_format=torch.channels_last_3d if "cl" in variant else torch.contiguous_format)
     model.eval()
@@ -109,7 +94,7 @@ def bench_one(name, amp, repeat):
             model(x1)
 
     torch.cuda.empty_cache()
-    t_inf, m_inf = events_time(infer, 1 if slow else 3, 3 if slow else repeat)
+    t_inf, m_inf = cuda_timed(infer, 1 if slow else 3, 3 if slow else repeat)
     res = {"model": name, "train_ms": t_train, "train_peak_GiB": m_train, "infer_ms": t_inf, "infer_peak_GiB": m_inf,
            "params": sum(p.numel() for p in model.parameters())}
     del model
