@@ -94,19 +94,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
-    from light_training.distributed import DeviceRequestError, cleanup_distributed, setup_distributed
-    try:
-        context = setup_distributed(args.device, args.num_gpus)
-    except DeviceRequestError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_SETTINGS
-    try:
-        return train(args, context)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_FAILED
-    finally:
-        cleanup_distributed()
+    from light_training.distributed import run_training_script
+    return run_training_script(args.device, args.num_gpus, lambda context: train(args, context),
+                               EXIT_BAD_SETTINGS, EXIT_FAILED)
 
 
 def train(args: argparse.Namespace, context) -> int:

@@ -11,7 +11,7 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -137,6 +137,26 @@ def cleanup_distributed() -> None:
     """Leave the process group (safe to call when none exists)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_training_script(device: str, num_gpus: int, train: Callable[[DistributedContext], int],
+                        exit_bad_settings: int = 2, exit_failed: int = 1) -> int:
+    """The shared frame of the training scripts: set up the device / process group (a request that cannot be
+    met prints ``error: ...`` and returns ``exit_bad_settings``), return ``train(context)``, turn a
+    FileNotFoundError / ValueError / RuntimeError into ``error (rank N): ...`` and ``exit_failed``, and always
+    leave the process group."""
+    try:
+        context = setup_distributed(device, num_gpus)
+    except DeviceRequestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exit_bad_settings
+    try:
+        return train(context)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"error{f' (rank {context.rank})' if context.is_distributed else ''}: {error}", file=sys.stderr)
+        return exit_failed
+    finally:
+        cleanup_distributed()
 
 
 def barrier(context: DistributedContext) -> None:
