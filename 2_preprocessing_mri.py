@@ -19,6 +19,7 @@ import sys
 from light_training.io import sanitize_case_name
 from light_training.preprocessing import (PreprocessingConfig, PreprocessingError, RawCase, dataset_summary,
                                           format_summary_table, preprocess_cases)
+from light_training.progress import print_case_failures
 from light_training.utils.files import save_json_atomic
 
 # Defaults (edit here or pass the flags).
@@ -114,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done: {len(report.done)} preprocessed, {len(report.skipped)} already done (skipped), "
           f"{len(failed)} failed. Summary: {summary_path}")
     if failed:
-        print(f"{len(failed)} case(s) failed:", file=sys.stderr)
-        for name, message in sorted(failed.items()):
-            print(f"  {name}: {message}", file=sys.stderr)
+        print_case_failures(f"{len(failed)} case(s) failed:", failed)
         return EXIT_SOME_FAILED
     return EXIT_OK
 

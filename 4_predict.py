@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from light_training.evaluation import brats_validation_dice
     from light_training.io import ImageGeometry, check_finite_input, load_case, sanitize_case_name, write_image
     from light_training.prediction import SlidingWindowConfig, SlidingWindowPredictor, predict_case
+    from light_training.progress import print_case_failures
     from light_training.splits import load_splits
     from light_training.utils.files import remove_stale_temporaries
     from model_segmamba import read_checkpoint
@@ -194,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mean Dice over {len(scores)} case(s) (preprocessed grid): TC {means['tc']:.4f}  WT {means['wt']:.4f}  "
               f"ET {means['et']:.4f}  mean {means['mean_dice']:.4f}")
     if failed:
-        print(f"{len(failed)} case(s) failed:", file=sys.stderr)
-        for name, message in sorted(failed.items()):
-            print(f"  {name}: {message}", file=sys.stderr)
+        print_case_failures(f"{len(failed)} case(s) failed:", failed)
         return EXIT_SOME_FAILED if (written or skipped) else EXIT_NOTHING
     return EXIT_OK
 

@@ -118,6 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from tqdm.auto import tqdm
     from light_training.io import sanitize_case_name
+    from light_training.progress import print_case_failures
     from light_training.utils.files import atomic_path, save_json_atomic
 
     try:
@@ -199,12 +200,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"  HD (mm)    {summary['hausdorff_mm']['mean']:.2f} ± {summary['hausdorff_mm']['std']:.2f}")
     print(f"written: {os.path.join(out_dir, args.pred_name)}.csv and .json")
     if missing or failed:
-        print(f"incomplete: {len(missing)} missing, {len(failed)} failed of {len(names)} (the summary covers "
-              f"{len(rows)}):", file=sys.stderr)
-        for name in missing:
-            print(f"  {name}: no prediction {os.path.join(pred_dir, name + '.nii.gz')}", file=sys.stderr)
-        for name, error in sorted(failed.items()):
-            print(f"  {name}: {error}", file=sys.stderr)
+        print_case_failures(f"incomplete: {len(missing)} missing, {len(failed)} failed of {len(names)} (the "
+                            f"summary covers {len(rows)}):", failed, missing,
+                            lambda name: f"no prediction {os.path.join(pred_dir, name + '.nii.gz')}")
         return EXIT_INCOMPLETE
     return EXIT_OK
 

@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from detection.detections_file import DetectionsFileError
+    from light_training.progress import print_case_failures
 
     try:
         payload, missing, failed = evaluate_detection_file(
@@ -208,12 +209,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     output_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.pred_file)), "metrics")
     print(f"written: {output_dir}/detection_metrics.json, detection_per_case.csv, froc.png")
     if missing or failed:
-        print(f"incomplete: {len(missing)} missing, {len(failed)} failed (the metrics cover the other cases):",
-              file=sys.stderr)
-        for name in missing:
-            print(f"  {name}: no entry in {args.pred_file}", file=sys.stderr)
-        for name, reason in sorted(failed.items()):
-            print(f"  {name}: {reason}", file=sys.stderr)
+        print_case_failures(f"incomplete: {len(missing)} missing, {len(failed)} failed (the metrics cover the "
+                            "other cases):", failed, missing, lambda name: f"no entry in {args.pred_file}")
         return EXIT_INCOMPLETE
     return EXIT_OK
 

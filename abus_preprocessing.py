@@ -37,6 +37,7 @@ import numpy as np
 from abus_common import RawAbusCase, discover_raw_cases
 from light_training.io import case_paths, image_geometry, read_label_image
 from light_training.preprocessing import PreprocessingConfig, PreprocessingError, RawCase, preprocess_cases
+from light_training.progress import print_case_failures
 from light_training.splits import make_splits
 from light_training.utils.files import atomic_path, save_json_atomic
 
@@ -295,9 +296,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"train {len(written['train'])} / val {len(written['val'])} / test {len(written['test'])} cases in "
           f"{args.output_base}; split written to {os.path.join(args.output_base, 'split_info.json')} and .txt")
     if failed:
-        print(f"{len(failed)} case(s) failed (skipped; the rest is written):", file=sys.stderr)
-        for name, reason in sorted(failed.items()):
-            print(f"  {name}: {reason}", file=sys.stderr)
+        print_case_failures(f"{len(failed)} case(s) failed (skipped; the rest is written):", failed)
         return EXIT_SOME_FAILED
     return EXIT_OK
 

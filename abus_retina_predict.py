@@ -80,6 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from light_training.distributed import DeviceRequestError, resolve_device
     from light_training.io import ImageGeometry, check_finite_input, load_case, sanitize_case_name, write_image
     from light_training.prediction import labels_from_probabilities, paste_into_original, resize_probabilities
+    from light_training.progress import print_case_failures
     from light_training.utils.files import remove_stale_temporaries
     from model_segmamba.segmamba_retina import build_retina_from_checkpoint
 
@@ -177,9 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{len(predictions)} case(s), {total} box(es) in {time.time() - started:.1f} s -> {output}"
           + (f"; masks in {args.save_path}" if args.save_seg else ""))
     if failed:
-        print(f"{len(failed)} case(s) failed (not in {output}; the other cases are):", file=sys.stderr)
-        for name, reason in sorted(failed.items()):
-            print(f"  {name}: {reason}", file=sys.stderr)
+        print_case_failures(f"{len(failed)} case(s) failed (not in {output}; the other cases are):", failed)
         return EXIT_SOME_FAILED
     return EXIT_OK
 

@@ -154,6 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from abus_det_compute_metrics import evaluate_detection_file, format_report
     from detection.detections_file import CasePrediction, write_detections_json
     from light_training.io import read_label_image
+    from light_training.progress import print_case_failures
 
     try:
         info = load_split_info(args.split_info)
@@ -205,11 +206,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(format_report(payload["summary"]))
     print(f"written: {pred_file}; metrics in {output_dir}")
     if missing or failed:
-        print(f"incomplete: {len(missing)} missing, {len(failed)} failed:", file=sys.stderr)
-        for name in missing:
-            print(f"  {name}: no mask in {args.pred_dir}", file=sys.stderr)
-        for name, reason in sorted(failed.items()):
-            print(f"  {name}: {reason}", file=sys.stderr)
+        print_case_failures(f"incomplete: {len(missing)} missing, {len(failed)} failed:", failed, missing,
+                            lambda name: f"no mask in {args.pred_dir}")
         return EXIT_INCOMPLETE
     return EXIT_OK
 

@@ -6,7 +6,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
 
 from tqdm.auto import tqdm
 
@@ -98,6 +98,17 @@ class TrainingHistory:
                    learning_rate=[float(v) for v in data.get("learning_rate", [])],
                    validation_epochs=[int(e) for e in data.get("validation_epochs", [])],
                    validation={k: [float(x) for x in v] for k, v in data.get("validation", {}).items()})
+
+
+def print_case_failures(header: str, failed: Mapping[str, str], missing: Iterable[str] = (),
+                        missing_reason: Callable[[str], str] = lambda name: "missing") -> None:
+    """The end-of-run list of a stage on stderr: ``header``, then one ``  NAME: why`` line per missing case
+    (in the given order, ``missing_reason(name)``) and per failed case (sorted by name)."""
+    print(header, file=sys.stderr)
+    for name in missing:
+        print(f"  {name}: {missing_reason(name)}", file=sys.stderr)
+    for name, reason in sorted(failed.items()):
+        print(f"  {name}: {reason}", file=sys.stderr)
 
 
 def plot_progress(history: TrainingHistory, path: Union[str, Path], selection_key: Optional[str] = None) -> Path:
