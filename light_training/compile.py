@@ -55,8 +55,9 @@ def compile_network(model: torch.nn.Module, setting: str, device: torch.device,
     block; ``"scan"`` only the per-direction conv1d + selective scan (the CUDA extension calls), so the glue
     around them (flips, slice reorderings, the sum of the three directions) is compiled too. Measured on an
     H200 (``bench/bench_infer_compile.py``, 1 × 4 × 128³ fp16 inference): eager 62.8 ms, ``"scan"``
-    53.0 ms, ``"block"`` 35.7 ms; training steps were the same (200.5 vs 200.9 ms). ``say`` receives one line describing what happened (default: the ``light_training``
-    logger)."""
+    53.0 ms, ``"block"`` 35.7 ms; training steps were the same (200.5 vs 200.9 ms).
+
+    ``say`` receives one line describing what happened (default: the ``light_training`` logger)."""
     say = say or logging.getLogger("light_training").info
     if eager not in ("scan", "block"):
         raise ValueError(f"eager must be 'scan' or 'block'; got {eager!r}")
@@ -78,6 +79,6 @@ def compile_network(model: torch.nn.Module, setting: str, device: torch.device,
     model.compile()
     what = "their scans" if eager == "scan" else "they"
     say(f"torch.compile: network compiled in place ({eager_blocks} Mamba blocks; {what} stay eager); the first "
-        "training step and the first validation take 1-2 minutes longer while kernels compile "
-        "(--compile off to skip)")
+        "pass in training mode and the first in evaluation mode each take 1-2 minutes longer while kernels "
+        "compile (--compile off to skip)")
     return True

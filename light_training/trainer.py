@@ -35,7 +35,7 @@ from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, capture_rng_state, 
                          restore_rng_state, save_checkpoint_atomic, tensors_are_finite)
 from .distributed import DistributedContext, all_gather_objects, all_reduce_mean
 from .lr_scheduler import PolyLRScheduler
-from .compile import compile_network
+from .compile import CHOICES as COMPILE_CHOICES, compile_network
 from .prediction import SlidingWindowConfig, SlidingWindowPredictor, labels_from_probabilities
 from .progress import TrainingHistory, plot_progress, setup_logging
 from .utils.files import remove_stale_temporaries
@@ -85,8 +85,8 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.amp_dtype not in ("fp16", "bf16", "none"):
             raise ValueError(f"amp_dtype must be fp16, bf16 or none, got {self.amp_dtype!r}")
-        if self.compile not in ("auto", "on", "off"):
-            raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
+        if self.compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
         if self.selection_mode not in ("max", "min"):
             raise ValueError(f"selection_mode must be max or min, got {self.selection_mode!r}")
         for name in ("max_epochs", "iterations_per_epoch", "val_every", "save_every", "max_consecutive_nonfinite"):
@@ -243,8 +243,7 @@ class Trainer:
         self.logdir = Path(config.logdir)
         self.model_dir = self.logdir / "model"
         self.logger = setup_logging(self.logdir, self.context.is_main_process, self.context.rank)
-        self.compiled = compile_network(self.model, config.compile, self.device,
-                                        say=self.logger.info if self.context.is_main_process else (lambda _: None))
+        self.compiled = compile_network(self.model, config.compile, self.device, say=self.logger.info)
 
         self.steps_per_epoch = max(1, config.iterations_per_epoch // self.context.world_size)
         self.total_steps = config.max_epochs * self.steps_per_epoch
