@@ -40,17 +40,22 @@ def build(name):
     raise ValueError(name)
 
 
+COMPILE_VARIANTS = {"compile": "block", "compilescan": "scan"}  # suffix -> compile_network(eager=...)
+
+
 def apply_variant(model, x, variant):
     """Variant suffixes of a model name: ``+cl`` channels-last 3D weights and input; ``+compile``
     :func:`light_training.compile.compile_network` (torch.compile, Mamba blocks eager, as the scripts do);
-    ``+compilescan`` the same with only the Mamba scans eager."""
+    ``+compilescan`` the same with only the Mamba scans eager. Returns the model, the input and whether the
+    model was compiled."""
     if "cl" in variant:
         model = model.to(memory_format=torch.channels_last_3d)
         x = x.contiguous(memory_format=torch.channels_last_3d)
-    if "compile" in variant or "compilescan" in variant:  # exactly what the training and prediction scripts do with --compile
+    eager = next((COMPILE_VARIANTS[v] for v in variant if v in COMPILE_VARIANTS), None)
+    if eager is not None:  # exactly what the training and prediction scripts do with --compile
         from light_training.compile import compile_network
-        compile_network(model, "on", x.device, say=print, eager="scan" if "compilescan" in variant else "block")
-    return model, x
+        compile_network(model, "on", x.device, say=print, eager=eager)
+    return model, x, eager is not None
 
 
 def bench_one(name, amp, repeat):
@@ -61,8 +66,8 @@ def bench_one(name, amp, repeat):
     model = build(base).cuda()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
     x = torch.randn(2, 4, 128, 128, 128, device="cuda")
-    model, x = apply_variant(model, x, variant)
-    if "compile" in variant or "compilescan" in variant:  # compile (train graph) once before timing, and report how long it took
+    model, x, compiled = apply_variant(model, x, variant)
+    if compiled:  # compile (train graph) once before timing, and report how long it took
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=dtype):
             F.cross_entropy(model(x), torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.long, device="cuda")).backward()
