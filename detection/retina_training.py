@@ -20,16 +20,13 @@ TDSC-ABUS 2023) when the backbone is frozen — the Dice cannot change then — 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from light_training.dataloading import (CaseDataset, PatchBatchStream, PatchLoader, choose_patch_start,
                                         crop_with_padding, patch_start_bounds)
-from light_training.distributed import all_gather_objects
 from light_training.trainer import SegmentationLoss, Trainer
 
 from .boxes import FILE_FORMAT, INTERNAL_FORMAT, convert_boxes, mask_to_boxes
@@ -305,18 +302,7 @@ class RetinaTrainer(Trainer):
 
     def validate(self) -> Dict[str, float]:
         """Pooled metrics over all validation cases (split across ranks, gathered)."""
-        assert self.validator is not None
-        count = self.validator.num_cases()
-        mine = list(range(self.context.rank, count, self.context.world_size))
-        rows = []
-        self.model.eval()
-        with torch.no_grad():
-            for index in tqdm(mine, desc="validation", leave=False, dynamic_ncols=True,
-                              disable=not (self._is_main and self.config.progress_bar)):
-                rows.append((index, self.validator.evaluate_case(self.model, index, self.device)))
-        self.model.train()
-        gathered = sorted((row for part in all_gather_objects(rows, self.context) for row in part),
-                          key=lambda item: item[0])
-        dices = [d for _, (case_dices, _) in gathered for d in case_dices]
-        cases = [c for _, (_, case_detections) in gathered for c in case_detections]
+        results = self.evaluate_validation_cases()
+        dices = [d for case_dices, _ in results for d in case_dices]
+        cases = [c for _, case_detections in results for c in case_detections]
         return pooled_validation_metrics(dices, cases)

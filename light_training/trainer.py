@@ -544,12 +544,13 @@ class Trainer:
                 "(if written). Try a lower learning rate, --amp bf16/none, or check the data for NaN/Inf.")
 
     # ------------------------------------------------------------------------------------------ validation
-    def validate(self) -> Dict[str, float]:
-        """Run the validator over its cases (split across ranks) and return the NaN-aware mean metrics."""
+    def evaluate_validation_cases(self) -> List[Any]:
+        """The validator's result for every validation case, in case order: the cases are split across ranks
+        (each evaluates its share in eval mode, without gradients) and gathered on all of them."""
         assert self.validator is not None
         count = self.validator.num_cases()
         mine = list(range(self.context.rank, count, self.context.world_size))
-        rows: List[Tuple[int, Dict[str, float]]] = []
+        rows: List[Tuple[int, Any]] = []
         self.model.eval()
         with torch.no_grad():
             for index in tqdm(mine, desc="validation", leave=False, dynamic_ncols=True,
@@ -558,7 +559,11 @@ class Trainer:
         self.model.train()
         gathered = [row for part in all_gather_objects(rows, self.context) for row in part]
         gathered.sort(key=lambda item: item[0])
-        return nanmean_metrics([metrics for _, metrics in gathered])
+        return [result for _, result in gathered]
+
+    def validate(self) -> Dict[str, float]:
+        """Run the validator over its cases (split across ranks) and return the NaN-aware mean metrics."""
+        return nanmean_metrics(self.evaluate_validation_cases())
 
     def _is_better(self, value: float) -> bool:
         if not math.isfinite(value):
