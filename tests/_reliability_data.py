@@ -10,6 +10,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
@@ -19,6 +20,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BRATS_MODALITIES = ("t2w", "t2f", "t1n", "t1c")
 TINY_SEGMAMBA = {"depths": [1, 1, 1, 1], "feat_size": [8, 16, 32, 64], "hidden_size": 32}
 TINY_FLAGS = ["--depths", "1", "1", "1", "1", "--feat_size", "8", "16", "32", "64", "--hidden_size", "32"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread per test (import it into a test module to apply it there): tiny tensors run faster
+    on the shared 2-core CI machine, and the killed-and-resumed training runs are subprocesses with
+    OMP_NUM_THREADS=1, so the in-process reference runs do the same arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def load_script(filename: str):

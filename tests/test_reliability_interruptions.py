@@ -26,12 +26,7 @@ from light_training.splits import save_splits
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is faster on the shared 2-core CI machine
-    yield
-    torch.set_num_threads(threads)
+from _reliability_data import one_thread  # noqa: E402,F401  (autouse fixture)
 
 
 def _env():

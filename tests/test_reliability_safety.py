@@ -28,12 +28,7 @@ PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib
 SKIPPED_DIRS = {".git", "__pycache__", "build", "dist", "data", "logs", "demo_output", "prediction_results"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from _reliability_data import one_thread  # noqa: E402,F401  (autouse fixture)
 
 
 # ================================================================================================ pickle

@@ -25,12 +25,7 @@ from test_reliability_interruptions import run_script_killed_at  # noqa: E402
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the killed run is a subprocess with OMP_NUM_THREADS=1: same arithmetic here
-    yield
-    torch.set_num_threads(threads)
+from _reliability_data import one_thread  # noqa: E402,F401  (autouse fixture)
 
 
 KILL_AT_STEP_3 = """
