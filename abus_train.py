@@ -89,14 +89,8 @@ def lesion_dice(prediction, ground_truth) -> dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        check_settings(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_SETTINGS
     from light_training.distributed import run_training_script
-    return run_training_script(args.device, args.num_gpus, lambda context: train(args, context),
-                               EXIT_BAD_SETTINGS, EXIT_FAILED)
+    return run_training_script(args, check_settings, train, EXIT_BAD_SETTINGS, EXIT_FAILED)
 
 
 def train(args: argparse.Namespace, context) -> int:

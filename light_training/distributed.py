@@ -139,19 +139,22 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def run_training_script(device: str, num_gpus: int, train: Callable[[DistributedContext], int],
+def run_training_script(args: Any, check_settings: Callable[[Any], None],
+                        train: Callable[[Any, DistributedContext], int],
                         exit_bad_settings: int = 2, exit_failed: int = 1) -> int:
-    """The shared frame of the training scripts: set up the device / process group (a request that cannot be
-    met prints ``error: ...`` and returns ``exit_bad_settings``), return ``train(context)``, turn a
+    """The shared frame of the training scripts: ``check_settings(args)`` (a ValueError prints ``error: ...``
+    and returns ``exit_bad_settings``), set up the device / process group from ``args.device`` and
+    ``args.num_gpus`` (a request that cannot be met: the same), return ``train(args, context)``, turn a
     FileNotFoundError / ValueError / RuntimeError into ``error (rank N): ...`` and ``exit_failed``, and always
     leave the process group."""
     try:
-        context = setup_distributed(device, num_gpus)
-    except DeviceRequestError as error:
+        check_settings(args)
+        context = setup_distributed(args.device, args.num_gpus)
+    except (ValueError, DeviceRequestError) as error:
         print(f"error: {error}", file=sys.stderr)
         return exit_bad_settings
     try:
-        return train(context)
+        return train(args, context)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"error{f' (rank {context.rank})' if context.is_distributed else ''}: {error}", file=sys.stderr)
         return exit_failed
