@@ -23,7 +23,7 @@ at::Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& opts) {
 }
 
 Params make_params(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                   bool silu) {
+                   bool silu, bool reverse) {
   TORCH_CHECK(x.is_cuda(), "causal_conv1d: x must be a CUDA tensor");
   TORCH_CHECK(x.dim() == 3, "causal_conv1d: x must be (batch, dim, seqlen), got ", x.sizes());
   TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2) && x.stride(0) >= x.size(1) * x.size(2),
@@ -55,6 +55,7 @@ Params make_params(const at::Tensor& x, const at::Tensor& weight, const c10::opt
   TORCH_CHECK(p.seqlen >= 1, "causal_conv1d: empty sequence");
   TORCH_CHECK(p.dim <= 65535 && p.batch <= 65535, "causal_conv1d: dim and batch must be <= 65535");
   p.silu = silu;
+  p.reverse = reverse;
   p.x = x.data_ptr();
   p.x_batch_stride = x.stride(0);
   p.weight = weight.data_ptr<float>();
@@ -62,9 +63,10 @@ Params make_params(const at::Tensor& x, const at::Tensor& weight, const c10::opt
   return p;
 }
 
-at::Tensor fwd(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool silu) {
+at::Tensor fwd(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool silu,
+               bool reverse) {
   const c10::cuda::CUDAGuard guard(x.device());
-  Params p = make_params(x, weight, bias, silu);
+  Params p = make_params(x, weight, bias, silu, reverse);
   at::Tensor out = alloc(x.sizes(), x.options());
   p.out = out.data_ptr();
   const cudaError_t err = causal_conv1d::forward(p, at::cuda::getCurrentCUDAStream());
@@ -74,9 +76,9 @@ at::Tensor fwd(const at::Tensor& x, const at::Tensor& weight, const c10::optiona
 
 // Returns [dx, dweight (fp32, (dim, width)), dbias (fp32, (dim,)) or empty].
 std::vector<at::Tensor> bwd(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                            const at::Tensor& dout, bool silu) {
+                            const at::Tensor& dout, bool silu, bool reverse) {
   const c10::cuda::CUDAGuard guard(x.device());
-  Params p = make_params(x, weight, bias, silu);
+  Params p = make_params(x, weight, bias, silu, reverse);
   TORCH_CHECK(dout.is_cuda() && dout.sizes() == x.sizes() && dout.scalar_type() == x.scalar_type() &&
                   dout.is_contiguous(),
               "causal_conv1d: dout must be a contiguous tensor like x");
@@ -97,8 +99,9 @@ std::vector<at::Tensor> bwd(const at::Tensor& x, const at::Tensor& weight, const
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "SegMamba causal depthwise conv1d CUDA kernels";
-  m.def("fwd", &fwd, "causal conv1d forward", py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("silu"));
+  m.def("fwd", &fwd, "causal conv1d forward", py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("silu"),
+        py::arg("reverse") = false);
   m.def("bwd", &bwd, "causal conv1d backward", py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("dout"),
-        py::arg("silu"));
+        py::arg("silu"), py::arg("reverse") = false);
   m.def("set_poison", [](bool on) { g_poison = on; }, "fill outputs with NaN before each launch (testing)");
 }

@@ -16,6 +16,7 @@ struct Params {
   int batch = 0, dim = 0, seqlen = 0, width = 0, ntiles = 0;
   DType dtype = DType::kFloat32;
   bool silu = false;
+  bool reverse = false;  // anti-causal: logical token t is memory position seqlen - 1 - t (a flipped sequence)
   const void* x = nullptr;
   long long x_batch_stride = 0;  // x may be a channel slice of a larger tensor (rows of seqlen, stride 1)
   const float* weight = nullptr;

@@ -1,4 +1,5 @@
-// Depthwise causal conv1d: out[b,d,t] = act(bias_d + Σ_{k<W} w[d,k] · x[b,d,t-(W-1)+k]), x = 0 before t = 0.
+// Depthwise causal conv1d: out[b,d,t] = act(bias_d + Σ_{k<W} w[d,k] · x[b,d,t-(W-1)+k]), x = 0 before t = 0
+// (or of the sequence read last-to-first, Params::reverse).
 // One block per (batch, channel, tile of kTile tokens); the tile plus its halo is staged in shared memory,
 // so every global access is coalesced along the sequence. Backward recomputes the pre-activation.
 #include <cuda_bf16.h>
@@ -25,6 +26,10 @@ template <> struct Cvt<__nv_bfloat16> {
   static __device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 };
 
+// Memory position of logical token t. With p.reverse the kernels compute the causal conv of the flipped
+// sequence (out[t] depends on x[t .. t + W - 1]) and write it unflipped, without flipped copies.
+__device__ __forceinline__ int mpos(const Params& p, int t) { return p.reverse ? p.seqlen - 1 - t : t; }
+
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
 
 template <typename T, int W>
@@ -35,7 +40,7 @@ __global__ void __launch_bounds__(kThreads) conv_fwd_kernel(Params p) {
   const T* x = static_cast<const T*>(p.x) + (size_t)b * p.x_batch_stride + (size_t)d * p.seqlen;
   for (int i = threadIdx.x; i < kTile + W - 1; i += kThreads) {
     const int t = t0 - (W - 1) + i;
-    sx[i] = (t >= 0 && t < p.seqlen) ? Cvt<T>::ld(x + t) : 0.f;
+    sx[i] = (t >= 0 && t < p.seqlen) ? Cvt<T>::ld(x + mpos(p, t)) : 0.f;
   }
   float w[W];
 #pragma unroll
@@ -50,7 +55,7 @@ __global__ void __launch_bounds__(kThreads) conv_fwd_kernel(Params p) {
 #pragma unroll
     for (int k = 0; k < W; ++k) acc += w[k] * sx[i + k];
     if (p.silu) acc *= sigmoid_f(acc);
-    Cvt<T>::st(out + t, acc);
+    Cvt<T>::st(out + mpos(p, t), acc);
   }
 }
 
@@ -65,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_kernel(Params p) {
   const T* dout = static_cast<const T*>(p.dout) + base;
   for (int i = threadIdx.x; i < kTile + 2 * (W - 1); i += kThreads) {
     const int t = t0 - (W - 1) + i;
-    sx[i] = (t >= 0 && t < p.seqlen) ? Cvt<T>::ld(x + t) : 0.f;
+    sx[i] = (t >= 0 && t < p.seqlen) ? Cvt<T>::ld(x + mpos(p, t)) : 0.f;
   }
   float w[W];
 #pragma unroll
@@ -76,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_kernel(Params p) {
     const int t = t0 + i;
     float g = 0.f;
     if (t < p.seqlen) {
-      g = Cvt<T>::ld(dout + t);
+      g = Cvt<T>::ld(dout + mpos(p, t));
       if (p.silu) {
         float pre = bias;
 #pragma unroll
@@ -98,7 +103,7 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_kernel(Params p) {
     float acc = 0.f;
 #pragma unroll
     for (int k = 0; k < W; ++k) acc += w[k] * sg[i + (W - 1) - k];
-    Cvt<T>::st(dx + t, acc);
+    Cvt<T>::st(dx + mpos(p, t), acc);
     const float g = sg[i];
 #pragma unroll
     for (int k = 0; k < W; ++k) dw[k] += g * sx[i + k];

@@ -64,7 +64,7 @@ void check_err(cudaError_t err, const char* what) {
 
 Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                    const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
-                   const c10::optional<at::Tensor>& delta_bias, bool delta_softplus) {
+                   const c10::optional<at::Tensor>& delta_bias, bool delta_softplus, bool reverse) {
   TORCH_CHECK(u.dim() == 3, "selective_scan: u must be (batch, dim, seqlen), got ", u.sizes());
   check_cuda_contig(u, "u", u);
   to_dtype(u);
@@ -106,6 +106,7 @@ Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   p.nseg = (p.nchunks + selective_scan::kSegChunks - 1) / selective_scan::kSegChunks;
   p.dtype = to_dtype(u);
   p.delta_softplus = delta_softplus;
+  p.reverse = reverse;
   p.prefetch = g_prefetch;
   p.u = u.data_ptr();
   p.delta = delta.data_ptr();
@@ -135,12 +136,14 @@ Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
 }
 
 // Returns [out, last_state (or empty), chunk_carry, chunk_dsum]; the last two are saved for backward.
+// reverse: scan the sequence last-to-first (outputs stay in memory order; last_state is the state after
+// memory position 0).
 std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                             const at::Tensor& C, const c10::optional<at::Tensor>& D,
                             const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
-                            bool delta_softplus, bool return_last_state) {
+                            bool delta_softplus, bool return_last_state, bool reverse) {
   const c10::cuda::CUDAGuard guard(u.device());
-  Params p = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
+  Params p = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse);
   auto f32 = u.options().dtype(at::kFloat);
   at::Tensor out = alloc(u.sizes(), u.options());
   at::Tensor chunk_local = alloc({p.batch, p.nchunks, p.dstate, p.dim}, f32);
@@ -164,9 +167,9 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
                             const at::Tensor& C, const c10::optional<at::Tensor>& D,
                             const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
                             bool delta_softplus, const at::Tensor& dout, const at::Tensor& chunk_carry,
-                            const at::Tensor& chunk_dsum) {
+                            const at::Tensor& chunk_dsum, bool reverse) {
   const c10::cuda::CUDAGuard guard(u.device());
-  Params p = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
+  Params p = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse);
   check_same(dout, "dout", u);
   TORCH_CHECK(chunk_carry.is_cuda() && chunk_carry.is_contiguous() && chunk_carry.scalar_type() == at::kFloat &&
                   chunk_carry.numel() == (int64_t)p.batch * p.nchunks * p.dstate * p.dim,
@@ -214,10 +217,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "SegMamba selective-scan CUDA kernels (chunk-parallel forward and backward)";
   m.def("fwd", &fwd, "selective scan forward", py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"),
         py::arg("C"), py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("delta_softplus"),
-        py::arg("return_last_state"));
+        py::arg("return_last_state"), py::arg("reverse") = false);
   m.def("bwd", &bwd, "selective scan backward", py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"),
         py::arg("C"), py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("delta_softplus"),
-        py::arg("dout"), py::arg("chunk_carry"), py::arg("chunk_dsum"));
+        py::arg("dout"), py::arg("chunk_carry"), py::arg("chunk_dsum"), py::arg("reverse") = false);
   m.attr("CHUNK") = selective_scan::kChunk;
   m.def("set_poison", [](bool on) { g_poison = on; }, "fill outputs with NaN before each launch (testing)");
   m.def("set_prefetch", [](bool on) { g_prefetch = on; }, "load the next chunk while walking the current one");

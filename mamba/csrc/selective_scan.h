@@ -27,6 +27,7 @@ struct Params {
   bool delta_softplus = false;
   bool prefetch = true;  // issue the next chunk's loads before walking the current one
   bool vec_io = false;   // rows are 16-byte aligned (seqlen % 8 == 0, aligned pointers): vector loads/stores
+  bool reverse = false;  // walk the sequence last-to-first: logical token t is memory position seqlen - 1 - t
 
   const void* u = nullptr;
   const void* delta = nullptr;

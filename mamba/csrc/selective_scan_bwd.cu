@@ -73,7 +73,7 @@ struct BwdRegs {
 
 // Local reverse walk of the adjoint from a zero message: chunk_local = message leaving the chunk's first token.
 template <typename T, int NP, bool kPrefetch>
-__global__ void __launch_bounds__(kThreads) bwd_local_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : kBwdLocalMinBlocks) bwd_local_kernel(Params p) {
   using G = Geo<NP>;
   extern __shared__ float4 smem4[];
   float* s_delta = reinterpret_cast<float*>(smem4);
@@ -106,10 +106,10 @@ __global__ void __launch_bounds__(kThreads) bwd_local_kernel(Params p) {
       const float dl = s_delta[t * G::TS + w.c];
       const float dy = s_dy[t * G::TS + w.c];
       const float4 cv = state4<NP>(s_C, t, w.q);
-      m[0] = exp2f(dl * A2[0]) * (dy * cv.x + m[0]);
-      m[1] = exp2f(dl * A2[1]) * (dy * cv.y + m[1]);
-      m[2] = exp2f(dl * A2[2]) * (dy * cv.z + m[2]);
-      m[3] = exp2f(dl * A2[3]) * (dy * cv.w + m[3]);
+      m[0] = fast_exp2(dl * A2[0]) * (dy * cv.x + m[0]);
+      m[1] = fast_exp2(dl * A2[1]) * (dy * cv.y + m[1]);
+      m[2] = fast_exp2(dl * A2[2]) * (dy * cv.z + m[2]);
+      m[3] = fast_exp2(dl * A2[3]) * (dy * cv.w + m[3]);
     }
     store_chunk_state<NP>(p, w, p.chunk_local, b, ch, m);
   }
@@ -117,7 +117,8 @@ __global__ void __launch_bounds__(kThreads) bwd_local_kernel(Params p) {
 
 template <int NP>
 __host__ __device__ constexpr int bwd_main_smem_floats() {
-  return 5 * Geo<NP>::kTile + 2 * Geo<NP>::kBC + kSegsPerChunk * kNPT * kThreads + 2 * kSeg * Geo<NP>::R * kThreads;
+  return 5 * Geo<NP>::kTile + 2 * Geo<NP>::kBC + (kSegsPerChunk - 1) * kNPT * kThreads +
+         2 * kSeg * Geo<NP>::R * kThreads;
 }
 
 template <typename T, int NP>
@@ -131,8 +132,10 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
   float* s_sig = s_dzf + G::kTile;  // σ(δ + bias) in; dδ out
   float* s_B = s_sig + G::kTile;
   float* s_C = s_B + G::kBC;
+  // State before segment seg >= 1 (before segment 0 it is the chunk's carried state, re-read from global:
+  // not keeping it here lets three blocks share an SM for NP = 16).
   float* s_ckpt = s_C + G::kBC;
-  float* s_red0 = s_ckpt + kSegsPerChunk * kNPT * kThreads;  // two buffers: one barrier per segment
+  float* s_red0 = s_ckpt + (kSegsPerChunk - 1) * kNPT * kThreads;  // two buffers: one barrier per segment
   const Who<NP> w(p.dim);
   const int b = blockIdx.z;
   const int tid = threadIdx.x;
@@ -163,18 +166,20 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
     float h[kNPT];
     load_chunk_state<NP>(p, w, p.chunk_carry, b, ch, h);
     for (int seg = 0; seg < kSegsPerChunk; ++seg) {
+      if (seg > 0) {
 #pragma unroll
-      for (int k = 0; k < kNPT; ++k) s_ckpt[(seg * kNPT + k) * kThreads + tid] = h[k];
+        for (int k = 0; k < kNPT; ++k) s_ckpt[((seg - 1) * kNPT + k) * kThreads + tid] = h[k];
+      }
 #pragma unroll
       for (int i = 0; i < kSeg; ++i) {
         const int t = seg * kSeg + i;
         const float dl = s_delta[t * G::TS + w.c];
         const float du = dl * s_u[t * G::TS + w.c];
         const float4 bv = state4<NP>(s_B, t, w.q);
-        h[0] = exp2f(dl * A2[0]) * h[0] + du * bv.x;
-        h[1] = exp2f(dl * A2[1]) * h[1] + du * bv.y;
-        h[2] = exp2f(dl * A2[2]) * h[2] + du * bv.z;
-        h[3] = exp2f(dl * A2[3]) * h[3] + du * bv.w;
+        h[0] = fast_exp2(dl * A2[0]) * h[0] + du * bv.x;
+        h[1] = fast_exp2(dl * A2[1]) * h[1] + du * bv.y;
+        h[2] = fast_exp2(dl * A2[2]) * h[2] + du * bv.z;
+        h[3] = fast_exp2(dl * A2[3]) * h[3] + du * bv.w;
       }
     }
 
@@ -183,8 +188,12 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
     load_chunk_state<NP>(p, w, p.rev_carry, b, ch, m);
     for (int seg = kSegsPerChunk - 1; seg >= 0; --seg) {
       float* s_red = s_red0 + (seg & 1) * kSeg * G::R * kThreads;
+      if (seg > 0) {
 #pragma unroll
-      for (int k = 0; k < kNPT; ++k) h[k] = s_ckpt[(seg * kNPT + k) * kThreads + tid];
+        for (int k = 0; k < kNPT; ++k) h[k] = s_ckpt[((seg - 1) * kNPT + k) * kThreads + tid];
+      } else {
+        load_chunk_state<NP>(p, w, p.chunk_carry, b, ch, h);
+      }
       float a[kSeg][kNPT], hp[kSeg][kNPT];
 #pragma unroll
       for (int i = 0; i < kSeg; ++i) {
@@ -195,7 +204,7 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
         const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
 #pragma unroll
         for (int k = 0; k < kNPT; ++k) {
-          a[i][k] = exp2f(dl * A2[k]);
+          a[i][k] = fast_exp2(dl * A2[k]);
           hp[i][k] = h[k];
           h[k] = a[i][k] * h[k] + du * bk[k];
         }
@@ -261,7 +270,7 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
         const int n = q * kNPT + (idx & 3);
         const int tt = t0 + seg * kSeg + i;
         if (n < p.dstate && tt < p.seqlen) {
-          float* dst = ((idx >> 2) ? p.dC : p.dB) + ((size_t)b * p.dstate + n) * p.seqlen + tt;
+          float* dst = ((idx >> 2) ? p.dC : p.dB) + ((size_t)b * p.dstate + n) * p.seqlen + mem_pos(p, tt);
           if (atomic_bc) atomicAdd(dst, s); else *dst = s;
         }
       }
@@ -303,6 +312,10 @@ cudaError_t backward_impl(const Params& p, cudaStream_t stream) {
       return err;
   }
   err = cudaFuncSetAttribute(bwd_main_kernel<T, NP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_main);
+  if (err != cudaSuccess) return err;
+  // Ask for the largest shared-memory carveout so that as many blocks as fit can be resident.
+  err = cudaFuncSetAttribute(bwd_main_kernel<T, NP>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             (int)cudaSharedmemCarveoutMaxShared);
   if (err != cudaSuccess) return err;
   if (p.prefetch) bwd_local_kernel<T, NP, true><<<grid, kThreads, smem_local, stream>>>(p);
   else bwd_local_kernel<T, NP, false><<<grid, kThreads, smem_local, stream>>>(p);

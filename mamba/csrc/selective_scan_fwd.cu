@@ -6,7 +6,7 @@ namespace detail {
 
 // Walk each chunk from a zero state: chunk_local = end state, chunk_dsum = Σ Δ over the chunk.
 template <typename T, int NP, bool kPrefetch>
-__global__ void __launch_bounds__(kThreads) fwd_local_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : kFwdLocalMinBlocks) fwd_local_kernel(Params p) {
   using G = Geo<NP>;
   extern __shared__ float4 smem4[];
   float* s_delta = reinterpret_cast<float*>(smem4);
@@ -43,10 +43,10 @@ __global__ void __launch_bounds__(kThreads) fwd_local_kernel(Params p) {
       const float dl = s_delta[t * G::TS + w.c];
       const float du = dl * s_u[t * G::TS + w.c];
       const float4 bv = state4<NP>(s_B, t, w.q);
-      h[0] = exp2f(dl * A2[0]) * h[0] + du * bv.x;
-      h[1] = exp2f(dl * A2[1]) * h[1] + du * bv.y;
-      h[2] = exp2f(dl * A2[2]) * h[2] + du * bv.z;
-      h[3] = exp2f(dl * A2[3]) * h[3] + du * bv.w;
+      h[0] = fast_exp2(dl * A2[0]) * h[0] + du * bv.x;
+      h[1] = fast_exp2(dl * A2[1]) * h[1] + du * bv.y;
+      h[2] = fast_exp2(dl * A2[2]) * h[2] + du * bv.z;
+      h[3] = fast_exp2(dl * A2[3]) * h[3] + du * bv.w;
       dsum += dl;
     }
     store_chunk_state<NP>(p, w, p.chunk_local, b, ch, h);
@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kThreads) fwd_local_kernel(Params p) {
 
 // Walk each chunk from its true incoming state and write out = (Σ_n C h + D u) · silu(z).
 template <typename T, int NP, bool kPrefetch>
-__global__ void __launch_bounds__(kThreads) fwd_out_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : (NP == 64 ? 4 : kFwdOutMinBlocks)) fwd_out_kernel(Params p) {
   using G = Geo<NP>;
   extern __shared__ float4 smem4[];
   float* s_delta = reinterpret_cast<float*>(smem4);
@@ -103,10 +103,10 @@ __global__ void __launch_bounds__(kThreads) fwd_out_kernel(Params p) {
       const float du = dl * u;
       const float4 bv = state4<NP>(s_B, t, w.q);
       const float4 cv = state4<NP>(s_C, t, w.q);
-      h[0] = exp2f(dl * A2[0]) * h[0] + du * bv.x;
-      h[1] = exp2f(dl * A2[1]) * h[1] + du * bv.y;
-      h[2] = exp2f(dl * A2[2]) * h[2] + du * bv.z;
-      h[3] = exp2f(dl * A2[3]) * h[3] + du * bv.w;
+      h[0] = fast_exp2(dl * A2[0]) * h[0] + du * bv.x;
+      h[1] = fast_exp2(dl * A2[1]) * h[1] + du * bv.y;
+      h[2] = fast_exp2(dl * A2[2]) * h[2] + du * bv.z;
+      h[3] = fast_exp2(dl * A2[3]) * h[3] + du * bv.w;
       float y = cv.x * h[0] + cv.y * h[1] + cv.z * h[2] + cv.w * h[3];
       y = sum_states<NP>(y);
       if (w.q == 0) s_zo[t * G::TS + w.c] = (y + Dd * u) * s_zo[t * G::TS + w.c];

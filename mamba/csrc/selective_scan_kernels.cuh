@@ -32,6 +32,17 @@ namespace selective_scan {
 namespace detail {
 
 constexpr int kThreads = 128;
+// Minimum resident blocks per SM asked of the compiler for the walk kernels without cross-chunk prefetch.
+// This caps their registers (5 -> 96, 6 -> 80 per thread; uncapped, the staging loads hold 150-180 and leave
+// 2-3 blocks per SM). H200, B=2, D=96, L=262144, N=16, bench/bench_kernels.py: with 16-bit inputs the caps
+// (and the single-instruction exp2) took the forward 1.51 -> 1.33 ms and forward+backward 5.80 -> 4.89 ms;
+// fp32 went 1.32 -> 1.46 ms forward, 5.36 -> 5.45 ms forward+backward. Other caps for fp32 were slower
+// still (bench/profile_scan.py --kernels: fwd_out 0.95 ms at 4 blocks, 1.17 ms at 3; the model runs the
+// scan on 16-bit inputs under autocast). Register allocation is not monotonic in the cap: `nvcc -Xptxas -v`
+// shows no spills at these values except 20 bytes in the fp32 fwd_out.
+constexpr int kFwdLocalMinBlocks = 6;
+constexpr int kFwdOutMinBlocks = 5;    // 4 for NP = 64 (5 spills ~150 bytes)
+constexpr int kBwdLocalMinBlocks = 5;  // 6 spills a few bytes for 16-bit inputs
 constexpr int kNPT = 4;   // states per thread
 constexpr int kSeg = 8;   // tokens per backward recompute segment
 constexpr int kSegsPerChunk = kChunk / kSeg;
@@ -77,6 +88,31 @@ struct Vec {
     *reinterpret_cast<Raw*>(p) = r;
   }
 };
+
+// 2^x with one MUFU.EX2 (flush-to-zero: decays below 2^-126 become 0, which the recurrences tolerate).
+// Plain exp2f adds range-fixing instructions around it; the walks are instruction-issue bound.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Memory position of logical token t: the sequence is walked last-to-first when p.reverse is set
+// (the reverse direction of the tri-orientated block, without a flipped copy of the inputs).
+__device__ __forceinline__ int mem_pos(const Params& p, int t) { return p.reverse ? p.seqlen - 1 - t : t; }
+// Memory start of the kV-token vector holding logical tokens [t, t + kV) (reversed inside the vector).
+template <int kV>
+__device__ __forceinline__ int mem_vec(const Params& p, int t) { return p.reverse ? p.seqlen - t - kV : t; }
+
+template <int N>
+__device__ __forceinline__ void reverse_vec(float (&v)[N]) {
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) {
+    const float t = v[i];
+    v[i] = v[N - 1 - i];
+    v[N - 1 - i] = t;
+  }
+}
 
 __device__ __forceinline__ float softplus_f(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
@@ -156,7 +192,8 @@ struct RowRegs {
         const int d = M::d(true, j), tt = t0 + M::t(true, j);
         float tmp[M::kV];
         if (d < p.dim && tt < p.seqlen) {  // seqlen % kV == 0: a vector is all in or all out
-          Vec<T, M::kV>::load(base + (size_t)d * p.seqlen + tt, tmp);
+          Vec<T, M::kV>::load(base + (size_t)d * p.seqlen + mem_vec<M::kV>(p, tt), tmp);
+          if (p.reverse) reverse_vec(tmp);
         } else {
 #pragma unroll
           for (int i = 0; i < M::kV; ++i) tmp[i] = 0.f;
@@ -167,7 +204,7 @@ struct RowRegs {
     } else {
       const int tt = t0 + M::t(false, 0);
       const bool tvalid = tt < p.seqlen;
-      const T* ptr = base + (size_t)M::d(false, 0) * p.seqlen + tt;
+      const T* ptr = base + (size_t)M::d(false, 0) * p.seqlen + (tvalid ? mem_pos(p, tt) : 0);
       const size_t step = (size_t)M::kCStep * p.seqlen;
 #pragma unroll
       for (int j = 0; j < M::kPer; ++j) {
@@ -202,12 +239,13 @@ __device__ __forceinline__ void store_tile(const Params& p, void* dst, const flo
       float tmp[M::kV];
 #pragma unroll
       for (int i = 0; i < M::kV; ++i) tmp[i] = tile[(t + i) * Geo<NP>::TS + c];
-      Vec<T, M::kV>::store(base + (size_t)d * p.seqlen + t0 + t, tmp);
+      if (p.reverse) reverse_vec(tmp);
+      Vec<T, M::kV>::store(base + (size_t)d * p.seqlen + mem_vec<M::kV>(p, t0 + t), tmp);
     }
   } else {
     const int tt = t0 + M::t(false, 0);
     if (tt >= p.seqlen) return;
-    T* ptr = base + (size_t)M::d(false, 0) * p.seqlen + tt;
+    T* ptr = base + (size_t)M::d(false, 0) * p.seqlen + mem_pos(p, tt);
     const size_t step = (size_t)M::kCStep * p.seqlen;
 #pragma unroll
     for (int j = 0; j < M::kPer; ++j) {
@@ -237,7 +275,8 @@ struct BCRegs {
         const int n = vi / kVPR, tt = t0 + (vi % kVPR) * kV;
         float tmp[kV];
         if (n < p.dstate && tt < p.seqlen) {
-          Vec<T, kV>::load(base + (size_t)n * p.seqlen + tt, tmp);
+          Vec<T, kV>::load(base + (size_t)n * p.seqlen + mem_vec<kV>(p, tt), tmp);
+          if (p.reverse) reverse_vec(tmp);
         } else {
 #pragma unroll
           for (int i = 0; i < kV; ++i) tmp[i] = 0.f;
@@ -249,7 +288,7 @@ struct BCRegs {
       const int t = threadIdx.x % kChunk, tt = t0 + t;
       const int n0 = threadIdx.x / kChunk;
       const bool tvalid = tt < p.seqlen;
-      const T* ptr = base + (size_t)n0 * p.seqlen + tt;
+      const T* ptr = base + (size_t)n0 * p.seqlen + (tvalid ? mem_pos(p, tt) : 0);
       const size_t step = (size_t)kNStep * p.seqlen;
 #pragma unroll
       for (int j = 0; j < kPer; ++j) {
@@ -362,7 +401,7 @@ __global__ void carry_segments_kernel(Params p, const float* local) {
   for (int i = 0; i < hi - lo; ++i) {
     const int c = kReverse ? hi - 1 - i : lo + i;
     const float ds = p.chunk_dsum[((size_t)w.b * p.nchunks + c) * p.dim + w.d];
-    H = exp2f(A2 * ds) * H + local[chunk_idx(p, w.b, c, w.n, w.d)];
+    H = fast_exp2(A2 * ds) * H + local[chunk_idx(p, w.b, c, w.n, w.d)];
     S += ds;
   }
   p.seg_agg[seg_idx(p, w.b, w.s, w.n, w.d)] = H;
@@ -380,14 +419,14 @@ __global__ void carry_apply_kernel(Params p, const float* local, float* carry) {
   const int nprev = kReverse ? p.nseg - 1 - w.s : w.s;
   for (int i = 0; i < nprev; ++i) {
     const int s2 = kReverse ? p.nseg - 1 - i : i;
-    H = exp2f(A2 * p.seg_agg[seg_idx(p, w.b, s2, p.dstate, w.d)]) * H + p.seg_agg[seg_idx(p, w.b, s2, w.n, w.d)];
+    H = fast_exp2(A2 * p.seg_agg[seg_idx(p, w.b, s2, p.dstate, w.d)]) * H + p.seg_agg[seg_idx(p, w.b, s2, w.n, w.d)];
   }
   const int lo = w.s * kSegChunks, hi = min(lo + kSegChunks, p.nchunks);
   for (int i = 0; i < hi - lo; ++i) {
     const int c = kReverse ? hi - 1 - i : lo + i;
     carry[chunk_idx(p, w.b, c, w.n, w.d)] = H;
     const float ds = p.chunk_dsum[((size_t)w.b * p.nchunks + c) * p.dim + w.d];
-    H = exp2f(A2 * ds) * H + local[chunk_idx(p, w.b, c, w.n, w.d)];
+    H = fast_exp2(A2 * ds) * H + local[chunk_idx(p, w.b, c, w.n, w.d)];
   }
   if (!kReverse && p.last_state != nullptr && w.s == p.nseg - 1)
     p.last_state[((size_t)w.b * p.dim + w.d) * p.dstate + w.n] = H;
