@@ -46,14 +46,17 @@ def _check_arguments(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 
 def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                      activation: Optional[str] = None) -> torch.Tensor:
+                      activation: Optional[str] = None, reverse: bool = False) -> torch.Tensor:
     """Pure-PyTorch causal depthwise conv1d (differentiable by autograd).
 
     x (B, D, L), weight (D, W), bias (D,) or None -> (B, D, L) in x's dtype. fp16/bf16 inputs are computed
     in float32 (as the CUDA kernel does). Written as a sum of ``W`` shifted, per-channel scaled copies of
-    ``x``: cheaper on CPU than a grouped convolution and exact.
+    ``x``: cheaper on CPU than a grouped convolution and exact. ``reverse``: the conv of ``x.flip(-1)``,
+    flipped back (``out[t]`` depends on ``x[t .. t + W - 1]``).
     """
     _check_arguments(x, weight, bias, activation)
+    if reverse:
+        return causal_conv1d_ref(x.flip(-1), weight, bias, activation).flip(-1)
     length = x.shape[-1]
     width = weight.shape[1]
     out_dtype = x.dtype
@@ -82,9 +85,11 @@ def backend_name(device) -> str:
 
 
 def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                     activation: Optional[str] = None) -> torch.Tensor:
+                     activation: Optional[str] = None, reverse: bool = False) -> torch.Tensor:
     """Causal depthwise conv1d. x (B, D, L), weight (D, W) with W in 2..4, bias (D,) or None,
-    activation None, "silu" or "swish" -> (B, D, L).
+    activation None, "silu" or "swish" -> (B, D, L). ``reverse=True``: the conv of the sequence read
+    last-to-first, returned in the original order (``causal_conv1d_fn(x.flip(-1), ...).flip(-1)``; the CUDA
+    kernel indexes backwards instead of copying).
 
     CUDA tensors use the compiled kernel when it is built; everything else uses :func:`causal_conv1d_ref`.
     """
@@ -94,5 +99,5 @@ def causal_conv1d_fn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         _LOGGED_PATHS.add(path)
         logger.info("causal_conv1d: using the %s implementation (first call on %s)", path, x.device.type)
     if path == "cuda-kernel":
-        return cuda_backend.causal_conv1d_cuda_fn(x, weight, bias, activation)
-    return causal_conv1d_ref(x, weight, bias, activation)
+        return cuda_backend.causal_conv1d_cuda_fn(x, weight, bias, activation, reverse=reverse)
+    return causal_conv1d_ref(x, weight, bias, activation, reverse=reverse)

@@ -44,31 +44,32 @@ class CausalConv1dCudaFn(torch.autograd.Function):
     """Autograd wrapper of the forward/backward kernels (the backward recomputes the pre-activation)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, silu):
+    def forward(ctx, x, weight, bias, silu, reverse):
         ctx.w_dtype, ctx.b_dtype, ctx.w_shape = weight.dtype, (None if bias is None else bias.dtype), weight.shape
         x_r = _rows(x)
         w32 = weight.reshape(weight.shape[0], -1).float().contiguous()
         b32 = None if bias is None else bias.float().contiguous()
-        out = _EXT.fwd(x_r, w32, b32, bool(silu))
-        ctx.silu = bool(silu)
+        out = _EXT.fwd(x_r, w32, b32, bool(silu), bool(reverse))
+        ctx.silu, ctx.reverse = bool(silu), bool(reverse)
         ctx.save_for_backward(x_r, w32, b32)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, w32, b32 = ctx.saved_tensors
-        dx, dw, db = _EXT.bwd(x, w32, b32, dout.to(x.dtype).contiguous(), ctx.silu)
+        dx, dw, db = _EXT.bwd(x, w32, b32, dout.to(x.dtype).contiguous(), ctx.silu, ctx.reverse)
         dw = dw.to(ctx.w_dtype).reshape(ctx.w_shape)
         db = None if b32 is None else db.to(ctx.b_dtype)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 def causal_conv1d_cuda_fn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                          activation: Optional[str] = None) -> torch.Tensor:
-    """Causal depthwise conv1d on CUDA tensors with the compiled kernel. ``x`` (B, D, L), ``weight`` (D, W).
+                          activation: Optional[str] = None, reverse: bool = False) -> torch.Tensor:
+    """Causal depthwise conv1d on CUDA tensors with the compiled kernel. ``x`` (B, D, L), ``weight`` (D, W);
+    ``reverse`` convolves the sequence read last-to-first (indexing, no flipped copies).
 
     Inputs the kernel does not cover (other dtypes) go to the PyTorch reference."""
     if x.dtype not in KERNEL_DTYPES:
         from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref
-        return causal_conv1d_ref(x, weight, bias, activation)
-    return CausalConv1dCudaFn.apply(x, weight, bias, activation in ("silu", "swish"))
+        return causal_conv1d_ref(x, weight, bias, activation, reverse=reverse)
+    return CausalConv1dCudaFn.apply(x, weight, bias, activation in ("silu", "swish"), reverse)

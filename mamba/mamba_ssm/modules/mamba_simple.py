@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from mamba_ssm.ops.orderings import (legacy_grid, reverse_order, slice_order, slice_order_inverse,
                                      validate_grid)
-from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn_no_out_proj
+from causal_conv1d.causal_conv1d_interface import backend_name as conv_backend_name
+from mamba_ssm.ops.selective_scan_interface import CUDA_KERNEL, active_backend, mamba_inner_fn_no_out_proj
 
 TRI_ORIENTATED = "v3"  # the published flag value for the forward + reverse + through-slice scan
 DIRECTION_SUFFIXES = ("", "_b", "_s")  # forward, reverse, through-slice (names in the state dict)
@@ -24,6 +25,13 @@ DIRECTION_SUFFIXES = ("", "_b", "_s")  # forward, reverse, through-slice (names 
 
 def _at_least_float32(p: torch.Tensor) -> torch.Tensor:
     return p.to(torch.promote_types(p.dtype, torch.float32))
+
+
+def _kernels_index_backwards(device: torch.device) -> bool:
+    """True when both the conv1d and the selective-scan CUDA kernels run on ``device`` (they take the reverse
+    direction by indexing)."""
+    return device.type == "cuda" and conv_backend_name(device) == "cuda-kernel" and \
+        active_backend(device) == CUDA_KERNEL
 
 
 class DirectionParams(NamedTuple):
@@ -131,16 +139,18 @@ class Mamba(nn.Module):
                              "with nslices=... for the published fixed-slice behaviour)")
         return legacy_grid(length, self.nslices)
 
-    def _scan_direction(self, xz_perm: torch.Tensor, params: DirectionParams) -> torch.Tensor:
+    def _scan_direction(self, xz_perm: torch.Tensor, params: DirectionParams,
+                        reverse: bool = False) -> torch.Tensor:
         """One scan direction on tokens already in its order: xz_perm (B, 2*d_inner, L) -> (B, d_inner, L).
-        A, D and the dt bias enter the scan in float32 (float64 if the module is float64)."""
+        A, D and the dt bias enter the scan in float32 (float64 if the module is float64). ``reverse``: the
+        conv and the scan read the tokens last-to-first (output in the given order)."""
         A = -torch.exp(_at_least_float32(params.A_log))
         bias = params.dt_proj.bias
         delta_bias = _at_least_float32(bias) if bias is not None else None
         return mamba_inner_fn_no_out_proj(xz_perm, params.conv1d.weight, params.conv1d.bias,
                                           params.x_proj.weight, params.dt_proj.weight, A,
                                           D=_at_least_float32(params.D), delta_bias=delta_bias,
-                                          delta_softplus=True)
+                                          delta_softplus=True, reverse=reverse)
 
     def forward(self, hidden_states: torch.Tensor, grid: Optional[Sequence[int]] = None) -> torch.Tensor:
         """hidden_states (B, L, d_model) -> (B, L, d_model); ``grid`` = (D, H, W) with D*H*W == L."""
@@ -154,7 +164,11 @@ class Mamba(nn.Module):
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
         out_forward = self._scan_direction(xz, self.direction_params(""))
-        out_reverse = self._scan_direction(reverse_order(xz), self.direction_params("_b"))
+        if _kernels_index_backwards(xz.device):
+            # the conv1d and scan kernels walk the sequence backwards: no flipped copies of xz or the output
+            out_reverse = self._scan_direction(xz, self.direction_params("_b"), reverse=True)
+        else:  # PyTorch path: one flip in, one flip out (fewer copies than flipping inside each op)
+            out_reverse = reverse_order(self._scan_direction(reverse_order(xz), self.direction_params("_b")))
         out_slice = self._scan_direction(slice_order(xz, grid), self.direction_params("_s"))
-        y = out_forward + reverse_order(out_reverse) + slice_order_inverse(out_slice, grid)
+        y = out_forward + out_reverse + slice_order_inverse(out_slice, grid)
         return self.out_proj(y.transpose(1, 2))

@@ -72,7 +72,7 @@ class SelectiveScanCudaFn(torch.autograd.Function):
     ``batch·L/64·N·dim`` values) instead of the full ``(batch, dim, N, L)`` state history."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse):
         # One storage dtype for the per-token inputs: the widest of them (e.g. fp16 + fp32 -> fp32).
         dtype = u.dtype
         for t in (delta, B, C, z):
@@ -93,7 +93,8 @@ class SelectiveScanCudaFn(torch.autograd.Function):
         D_c = None if D is None else D.float().contiguous()
         bias_c = None if delta_bias is None else delta_bias.float().contiguous()
         out, last_state, carry, dsum = _EXT.fwd(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c,
-                                                bool(delta_softplus), bool(return_last_state))
+                                                bool(delta_softplus), bool(return_last_state), bool(reverse))
+        ctx.reverse = bool(reverse)
         out = out.to(u.dtype)
         ctx.delta_softplus = bool(delta_softplus)
         ctx.save_for_backward(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, carry, dsum)
@@ -107,7 +108,7 @@ class SelectiveScanCudaFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, bias, carry, dsum = ctx.saved_tensors
         dout = dout.to(u.dtype).contiguous()
         du, ddelta, dA, dB, dC, dD, dz, dbias = _EXT.bwd(u, delta, A, B, C, D, z, bias, ctx.delta_softplus,
-                                                         dout, carry, dsum)
+                                                         dout, carry, dsum, ctx.reverse)
         delta_dtype, b_dtype, c_dtype, z_dtype = ctx.in_dtypes
         du = du.to(ctx.u_dtype)
         ddelta = ddelta.to(delta_dtype)
@@ -117,12 +118,13 @@ class SelectiveScanCudaFn(torch.autograd.Function):
         dD = None if D is None else dD.to(ctx.d_dtype)
         dz = None if z is None else dz.to(z_dtype)
         dbias = None if bias is None else dbias.to(ctx.bias_dtype)
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None
 
 
 def selective_scan_cuda_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                           return_last_state=False):
-    """Selective scan on CUDA tensors with the compiled kernels (arguments as ``selective_scan_fn``).
+                           return_last_state=False, reverse=False):
+    """Selective scan on CUDA tensors with the compiled kernels (arguments as ``selective_scan_fn``;
+    ``reverse`` walks the sequence backwards inside the kernels, with no flipped copies).
 
     Falls back to the chunked PyTorch scan for argument combinations the kernels do not cover."""
     if B.dim() == 3:  # (batch, N, L) shorthand for one group
@@ -136,5 +138,7 @@ def selective_scan_cuda_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
             logger.info("mamba_ssm selective scan: %s is not covered by the CUDA kernels; "
                         "using the chunked PyTorch implementation for it", reason)
         from mamba_ssm.ops.selective_scan_chunked import selective_scan_chunked
-        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    return SelectiveScanCudaFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                      reverse=reverse)
+    return SelectiveScanCudaFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                     reverse)

@@ -440,15 +440,28 @@ class SelectiveScanChunked(torch.autograd.Function):
         return cast + (None, None, None)
 
 
+def flip_sequence(t):
+    """``t`` reversed along its last (token) axis; None and constant (dim, N) B/C pass through."""
+    if t is None or t.dim() == 2:
+        return t
+    return t.flip(-1)
+
+
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                            return_last_state=False, chunk_len: Optional[int] = None,
-                           chunks_per_segment: Optional[int] = None):
+                           chunks_per_segment: Optional[int] = None, reverse: bool = False):
     """Chunked PyTorch selective scan (differentiable, memory bounded); arguments as ``selective_scan_fn``.
 
     ``chunk_len`` (tokens per chunk) and ``chunks_per_segment`` tune speed/memory (defaults per device).
-    Returns out (batch, dim, L) in u's dtype, and with ``return_last_state`` also the last state
-    (batch, dim, N) in the compute dtype (float32, or float64 for float64 inputs).
+    ``reverse`` scans the tokens last-to-first (here by flipping the inputs and the output; the CUDA kernels
+    index the sequence backwards instead). Returns out (batch, dim, L) in u's dtype, and with
+    ``return_last_state`` also the last state (batch, dim, N) in the compute dtype (float32, or float64 for
+    float64 inputs).
     """
+    if reverse:
+        u, delta, B, C, z = (flip_sequence(t) for t in (u, delta, B, C, z))
     out, last_state = SelectiveScanChunked.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
                                                  chunk_len, chunks_per_segment)
+    if reverse:
+        out = out.flip(-1)
     return (out, last_state) if return_last_state else out

@@ -87,7 +87,7 @@ def check_scan_arguments(u, delta, A, B, C, D=None, z=None, delta_bias=None) -> 
 def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                       C: torch.Tensor, D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                       delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
-                      return_last_state: bool = False):
+                      return_last_state: bool = False, reverse: bool = False):
     """Selective scan (Mamba's S6 recurrence); differentiable.
 
     u, delta, z: (batch, dim, L); A: (dim, N); B, C: (dim, N) or (batch, G, N, L); D, delta_bias: (dim,).
@@ -96,6 +96,10 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
     (float64 for float64 inputs); ``out`` has u's dtype. With ``return_last_state`` returns
     ``(out, last_state)``, last_state (batch, dim, N) without gradient.
 
+    ``reverse=True`` runs the recurrence from the last token to the first: equal to flipping every per-token
+    input along L, scanning, and flipping ``out`` back (``last_state`` is then the state after token 0). The
+    CUDA kernels do this by indexing, without flipped copies.
+
     CUDA tensors use the compiled kernels when built; everything else the chunked PyTorch scan.
     """
     check_scan_arguments(u, delta, A, B, C, D, z, delta_bias)
@@ -103,15 +107,16 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
     _log_path_once(path, u.device)
     if path == CUDA_KERNEL:
         return cuda_backend.selective_scan_cuda_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                                   return_last_state)
-    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+                                                   return_last_state, reverse=reverse)
+    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                  reverse=reverse)
 
 
 def mamba_inner_fn_no_out_proj(xz: torch.Tensor, conv1d_weight: torch.Tensor,
                                conv1d_bias: Optional[torch.Tensor], x_proj_weight: torch.Tensor,
                                delta_proj_weight: torch.Tensor, A: torch.Tensor,
                                D: Optional[torch.Tensor] = None, delta_bias: Optional[torch.Tensor] = None,
-                               delta_softplus: bool = True) -> torch.Tensor:
+                               delta_softplus: bool = True, reverse: bool = False) -> torch.Tensor:
     """One Mamba scan direction without the output projection.
 
     xz: (batch, 2*d_inner, L), x = first half of the channels, z = second half (the gate).
@@ -121,6 +126,10 @@ def mamba_inner_fn_no_out_proj(xz: torch.Tensor, conv1d_weight: torch.Tensor,
     u = silu(causal_conv1d(x)), [dt | B | C] = x_proj(u), delta = delta_proj_weight @ dt (its bias enters
     as delta_bias), B and C input dependent with one group. Under autocast the projections run in the
     autocast dtype and the scan in float32.
+
+    ``reverse=True`` is the same direction on the token sequence read last-to-first (an anti-causal conv and
+    a backwards scan), with the output in the original token order: equal to flipping xz, running the
+    forward direction and flipping the result, but the CUDA kernels index backwards instead of copying.
     """
     if xz.dim() != 3 or xz.shape[1] % 2:
         raise ValueError(f"mamba_inner_fn_no_out_proj: xz must be (batch, 2*d_inner, L); got {tuple(xz.shape)}")
@@ -133,9 +142,10 @@ def mamba_inner_fn_no_out_proj(xz: torch.Tensor, conv1d_weight: torch.Tensor,
                          f"{(dt_rank + 2 * n, d_inner)}; got {tuple(x_proj_weight.shape)}")
     x, z = xz[:, :d_inner], xz[:, d_inner:]
     weight = conv1d_weight.reshape(conv1d_weight.shape[0], conv1d_weight.shape[-1])
-    u = causal_conv1d_fn(x, weight, conv1d_bias, activation="silu")
+    u = causal_conv1d_fn(x, weight, conv1d_bias, activation="silu", reverse=reverse)
     x_dbl = F.linear(u.transpose(1, 2), x_proj_weight)  # (batch, L, dt_rank + 2N)
     delta = F.linear(x_dbl[..., :dt_rank], delta_proj_weight).transpose(1, 2)  # (batch, d_inner, L)
     B = x_dbl[..., dt_rank:dt_rank + n].transpose(1, 2).unsqueeze(1)  # (batch, 1, N, L)
     C = x_dbl[..., dt_rank + n:].transpose(1, 2).unsqueeze(1)
-    return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                             reverse=reverse)
