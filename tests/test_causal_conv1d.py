@@ -33,6 +33,36 @@ def test_causal_conv1d_matches_left_padded_conv1d_forward_and_backward(width, wi
         torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
 
 
+def conv1d_right_padded(x, weight, bias, activation):
+    """Independent reference of the anti-causal (reverse) conv: out[t] = Σ_k w[k] x[t + W-1-k], a grouped
+    cross-correlation of the right-padded x with the flipped kernel."""
+    width = weight.shape[1]
+    out = F.conv1d(F.pad(x, (0, width - 1)), weight.flip(-1).unsqueeze(1), bias, groups=x.shape[1])
+    return F.silu(out) if activation in ("silu", "swish") else out
+
+
+@pytest.mark.parametrize("width", [2, 4])
+@pytest.mark.parametrize("length", [1, 3, 19])
+def test_causal_conv1d_reverse_matches_right_padded_conv1d_forward_and_backward(width, length):
+    x = torch.randn(2, 5, length, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, width, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    out = causal_conv1d_fn(x, w, b, "silu", reverse=True)
+    ref = conv1d_right_padded(x, w, b, "silu")
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, [x, w, b], g), torch.autograd.grad(ref, [x, w, b], g)):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+
+
+def test_causal_conv1d_reverse_hand_computed():
+    # x = [1, 2, 3], w = [10, 100, 1000]: the reverse conv's token t sees x[t] (weight w2), x[t+1] (w1), x[t+2] (w0)
+    x = torch.tensor([[[1.0, 2.0, 3.0]]], dtype=torch.float64)
+    w = torch.tensor([[10.0, 100.0, 1000.0]], dtype=torch.float64)
+    out = causal_conv1d_fn(x, w, None, None, reverse=True)
+    assert out.flatten().tolist() == [1000 * 1 + 100 * 2 + 10 * 3, 1000 * 2 + 100 * 3, 1000 * 3]
+
+
 @pytest.mark.parametrize("length", [1, 2, 3])
 def test_causal_conv1d_sequences_shorter_than_the_kernel(length):
     x = torch.randn(1, 3, length, dtype=torch.float64)

@@ -80,13 +80,20 @@ def scan_inputs(b, d, length, n, dtype, seed, z=True, dskip=True, bias=True, sof
     return kern
 
 
-def run_scan(inp, softplus, last_state, reference):
+def run_scan(inp, softplus, last_state, reference, reverse=False):
+    """The kernels (reverse by indexing) or the float64 chunked scan (reverse by explicit flips here)."""
     leaves = {k: (v.detach().double().requires_grad_() if reference else v.detach().requires_grad_())
               for k, v in inp.items() if v is not None}
     args = [leaves.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    fn = selective_scan_chunked if reference else selective_scan_fn
-    res = fn(*args, delta_softplus=softplus, return_last_state=last_state)
+    if reference:
+        if reverse:
+            args = [a.flip(-1) if a is not None and a.dim() >= 3 else a for a in args]
+        res = selective_scan_chunked(*args, delta_softplus=softplus, return_last_state=last_state)
+    else:
+        res = selective_scan_fn(*args, delta_softplus=softplus, return_last_state=last_state, reverse=reverse)
     out, last = (res if last_state else (res, None))
+    if reference and reverse:
+        out = out.flip(-1)
     return out, last, leaves
 
 
@@ -108,13 +115,30 @@ SCAN_CASES = [
 # L % 8 == 0 uses 16-byte vector loads/stores, other L the scalar path: both are covered above.
 
 
+# The reverse direction (sequence walked last-to-first by indexing): scalar and vector row access, chunk
+# remainders, several channel tiles (atomics), N = 32 / 64 and the model's stage-0 length.
+REVERSE_CASES = [SCAN_CASES[i] for i in (0, 1, 2, 3, 4, 5, 6, 7, 11)]
+CASE_ID = lambda c: "B{}D{}L{}N{}{}".format(*c[:4], "" if c[4] else "-noz")  # noqa: E731
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", SCAN_CASES, ids=lambda c: "B{}D{}L{}N{}{}".format(*c[:4], "" if c[4] else "-noz"))
+@pytest.mark.parametrize("case", SCAN_CASES, ids=CASE_ID)
 def test_selective_scan_kernel_matches_float64_reference(case, dtype):
+    check_scan_case(case, dtype, reverse=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", REVERSE_CASES, ids=CASE_ID)
+def test_selective_scan_kernel_reverse_matches_float64_reference_on_flipped_tokens(case, dtype):
+    check_scan_case(case, dtype, reverse=True)
+
+
+def check_scan_case(case, dtype, reverse):
     b, d, length, n, z, dskip, bias, softplus = case
-    inp = scan_inputs(b, d, length, n, dtype, seed=length * 7 + n, z=z, dskip=dskip, bias=bias, softplus=softplus)
-    out, last, leaves = run_scan(inp, softplus, True, reference=False)
-    ref_out, ref_last, ref_leaves = run_scan(inp, softplus, True, reference=True)
+    inp = scan_inputs(b, d, length, n, dtype, seed=length * 7 + n + reverse, z=z, dskip=dskip, bias=bias,
+                      softplus=softplus)
+    out, last, leaves = run_scan(inp, softplus, True, reference=False, reverse=reverse)
+    ref_out, ref_last, ref_leaves = run_scan(inp, softplus, True, reference=True, reverse=reverse)
     dout = torch.randn(out.shape, device=DEV, generator=torch.Generator(device=DEV).manual_seed(1))
     out.backward(dout.to(out.dtype))
     ref_out.backward(dout.to(out.dtype).double())
@@ -123,7 +147,8 @@ def test_selective_scan_kernel_matches_float64_reference(case, dtype):
     for k, leaf in leaves.items():
         errors["d" + k] = rel(leaf.grad, ref_leaves[k].grad)
     REPORT.append({"op": "selective_scan", "dtype": str(dtype).replace("torch.", ""), "B": b, "D": d, "L": length,
-                   "N": n, "z": z, "D_skip": dskip, "bias": bias, "softplus": softplus, **errors})
+                   "N": n, "z": z, "D_skip": dskip, "bias": bias, "softplus": softplus, "reverse": reverse,
+                   **errors})
     for k, e in errors.items():
         assert math.isfinite(e), f"{k}: non-finite error (unwritten output?)"
         assert e <= (fwd_tol if k in ("out", "last_state") else grad_tol), f"{k}: relative error {e:.3e}"
@@ -156,20 +181,26 @@ CONV_CASES = [(2, 96, 1), (2, 96, 2047), (2, 96, 2049), (1, 7, 5000), (2, 96, 26
 @pytest.mark.parametrize("width", [2, 3, 4])
 @pytest.mark.parametrize("shape", CONV_CASES, ids=lambda s: "B{}D{}L{}".format(*s))
 @pytest.mark.parametrize("bias,act", [(True, "silu"), (False, None)])
-def test_causal_conv1d_kernel_matches_float64_conv1d(shape, width, dtype, bias, act):
+@pytest.mark.parametrize("reverse", [False, True], ids=["causal", "reverse"])
+def test_causal_conv1d_kernel_matches_float64_conv1d(shape, width, dtype, bias, act, reverse):
     b, d, length = shape
     if length >= 262144 and width != 4:
         pytest.skip("long sequence checked at the model's width only")
+    if reverse and (width == 3 or not bias):
+        pytest.skip("reverse direction checked at widths 2 and 4 with bias and SiLU")
     g = torch.Generator(device="cpu").manual_seed(length + width)
     big = torch.randn(b, 2 * d, length, generator=g).to(DEV, dtype)
     x = big[:, :d].detach().requires_grad_()  # a channel slice, as the Mamba block passes it
     w = torch.randn(d, width, generator=g).to(DEV).requires_grad_()
     bb = torch.randn(d, generator=g).to(DEV).requires_grad_() if bias else None
-    out = causal_conv1d_fn(x, w, bb, act)
+    out = causal_conv1d_fn(x, w, bb, act, reverse=reverse)
     xr = x.detach().double().requires_grad_()
     wr = w.detach().double().requires_grad_()
     br = bb.detach().double().requires_grad_() if bias else None
-    ref = F.conv1d(F.pad(xr, (width - 1, 0)), wr.unsqueeze(1), br, groups=d)
+    if reverse:  # out[t] = Σ_k w[k] x[t + W-1-k]: right padding, flipped kernel
+        ref = F.conv1d(F.pad(xr, (0, width - 1)), wr.flip(-1).unsqueeze(1), br, groups=d)
+    else:
+        ref = F.conv1d(F.pad(xr, (width - 1, 0)), wr.unsqueeze(1), br, groups=d)
     if act == "silu":
         ref = F.silu(ref)
     dout = torch.randn(out.shape, device=DEV, dtype=torch.float32)
@@ -179,7 +210,7 @@ def test_causal_conv1d_kernel_matches_float64_conv1d(shape, width, dtype, bias, 
     if bias:
         errors["dbias"] = rel(bb.grad, br.grad)
     REPORT.append({"op": "causal_conv1d", "dtype": str(dtype).replace("torch.", ""), "B": b, "D": d, "L": length,
-                   "W": width, "bias": bias, "act": act, **errors})
+                   "W": width, "bias": bias, "act": act, "reverse": reverse, **errors})
     fwd_tol, grad_tol = TOL[dtype]
     for k, e in errors.items():
         assert math.isfinite(e), f"{k}: non-finite error"
@@ -205,6 +236,29 @@ def test_mamba_block_kernel_path_matches_pytorch_path():
     assert rel(gx, x64.grad) <= 1e-4
     for k, p in blk64.named_parameters():
         assert rel(grads[k], p.grad) <= 1e-4, k
+
+
+def test_mamba_block_reverse_by_indexing_matches_flipped_copies(monkeypatch):
+    """The block's reverse direction through the kernels' backwards indexing equals the flip-copy path
+    (flip xz, forward-direction kernels, flip back) in float32: output and every gradient."""
+    from mamba_ssm import Mamba
+    from mamba_ssm.modules import mamba_simple
+    torch.manual_seed(0)
+    blk = Mamba(d_model=48).to(DEV)
+    x = torch.randn(2, 8 * 12 * 16, 48, device=DEV)
+    results = []
+    for indexing in (True, False):
+        monkeypatch.setattr(mamba_simple, "_kernels_index_backwards", lambda device, v=indexing: v)
+        blk.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = blk(xi, grid=(8, 12, 16))
+        y.backward(torch.cos(y.detach()))
+        results.append((y.detach(), xi.grad, {k: p.grad.clone() for k, p in blk.named_parameters()}))
+    (y1, gx1, g1), (y2, gx2, g2) = results
+    assert rel(y1, y2.double()) <= 1e-5
+    assert rel(gx1, gx2.double()) <= 1e-5
+    for k in g1:
+        assert rel(g1[k], g2[k].double()) <= 1e-5, k
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
