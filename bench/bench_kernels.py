@@ -39,7 +39,7 @@ def scan_inputs(dtype, b=2, d=96, length=262144, n=16):
     return u, delta, A, Bm, Cm, D, z, bias
 
 
-def bench_scan(dtype, impl="kernel"):
+def bench_scan(dtype, impl="kernel", reverse=False):
     from mamba_ssm.ops import selective_scan_fn
     from mamba_ssm.ops.selective_scan_chunked import selective_scan_chunked
     fn = selective_scan_fn if impl == "kernel" else selective_scan_chunked
@@ -49,10 +49,12 @@ def bench_scan(dtype, impl="kernel"):
 
     def fwd():
         with torch.no_grad():
-            fn(u, delta, A, Bm, Cm, D, z, bias, delta_softplus=True)
+            fn(u, delta, A, Bm, Cm, D, z, bias, delta_softplus=True, **kw)
+
+    kw = {"reverse": True} if reverse else {}
 
     def fwd_bwd():
-        out = fn(*leaves[:7], delta_bias=leaves[7], delta_softplus=True)
+        out = fn(*leaves[:7], delta_bias=leaves[7], delta_softplus=True, **kw)
         out.backward(dout)
 
     rep = 20 if impl == "kernel" else 3
@@ -69,7 +71,7 @@ def bench_scan(dtype, impl="kernel"):
             "fwd_TBps": fwd_bytes / (t_f * 1e-3) / 1e12, "fwd_bwd_TBps": (fwd_bytes + bwd_bytes) / (t_fb * 1e-3) / 1e12}
 
 
-def bench_conv(dtype):
+def bench_conv(dtype, reverse=False):
     from causal_conv1d import causal_conv1d_fn
     x = torch.randn(2, 96, 262144, device="cuda").to(dtype).requires_grad_()
     w = torch.randn(96, 4, device="cuda", requires_grad=True)
@@ -78,14 +80,14 @@ def bench_conv(dtype):
 
     def fwd():
         with torch.no_grad():
-            causal_conv1d_fn(x, w, b, "silu")
+            causal_conv1d_fn(x, w, b, "silu", reverse=reverse)
 
     def fwd_bwd():
-        causal_conv1d_fn(x, w, b, "silu").backward(dout)
+        causal_conv1d_fn(x, w, b, "silu", reverse=reverse).backward(dout)
 
     t_f, t_fb = cuda_timed(fwd)[0], cuda_timed(fwd_bwd)[0]
     el = x.element_size()
-    return {"dtype": str(dtype).replace("torch.", ""), "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
+    return {"dtype": str(dtype).replace("torch.", ""), "reverse": reverse, "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
             "fwd_TBps": 2 * x.numel() * el / (t_f * 1e-3) / 1e12,
             "fwd_bwd_TBps": 5 * x.numel() * el / (t_fb * 1e-3) / 1e12}
 
@@ -107,10 +109,15 @@ def main():
             r["impl"] = "kernel" + ("-prefetch" if prefetch else "")
             res["scan"].append(r)
     cuda_backend._EXT.set_prefetch(False)
+    for dt in (torch.float32, torch.float16):  # the reverse direction, walked backwards by indexing
+        r = bench_scan(dt, reverse=True)
+        r["impl"] = "kernel-reverse"
+        res["scan"].append(r)
     if not args.no_pytorch:
         res["scan"].append(bench_scan(torch.float32, impl="pytorch-chunked"))
     for dt in (torch.float32, torch.float16):
         res["conv"].append(bench_conv(dt))
+    res["conv"].append(bench_conv(torch.float16, reverse=True))
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"\n{res['device']}  torch {res['torch']}  CUDA {res['cuda']}  copy {res['copy_TBps']:.2f} TB/s (read+write)")
@@ -121,7 +128,7 @@ def main():
               f"{r['fwd_TBps']:>10.2f}{r['fwd_bwd_TBps']:>10.2f}")
     print("causal conv1d (2, 96, 262144) W=4 silu")
     for r in res["conv"]:
-        print(f"{'kernel':<18}{r['dtype']:<10}{r['fwd_ms']:>9.3f}{r['fwd_bwd_ms']:>12.3f}"
+        print(f"{'kernel-reverse' if r['reverse'] else 'kernel':<18}{r['dtype']:<10}{r['fwd_ms']:>9.3f}{r['fwd_bwd_ms']:>12.3f}"
               f"{r['fwd_TBps']:>10.2f}{r['fwd_bwd_TBps']:>10.2f}")
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU session for the whole-model speed work: build (or reuse carried .so files), optional kernel tests
 # with the scan's prefetch switched off, then bench_model.py on the variants given in $MODELS.
-# Usage (repo root on the GPU machine): OUT=dir [TESTS=...] [BENCH_KERNELS=1] [PROFILE=--compile]
+# Usage (repo root on the GPU machine): OUT=dir [TESTS=...] [BENCH_KERNELS=1] [SCAN_PROFILE=1] [PROFILE=--compile]
 #   [MODELS=segmamba,segmamba+compile MODEL_ARGS=...] bash bench/gpu_perf_session.sh
 set -uo pipefail
 OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"
@@ -23,6 +23,9 @@ if [ -n "${TESTS:-}" ]; then
 fi
 if [ -n "${BENCH_KERNELS:-}" ]; then
   timeout 120 python bench/bench_kernels.py --no_pytorch --out "$OUT/bench_kernels.json" 2>&1 | tail -14
+fi
+if [ -n "${SCAN_PROFILE:-}" ]; then
+  timeout 120 python bench/profile_scan.py --kernels 2>&1 | tee "$OUT/profile_scan.txt" | tail -24
 fi
 if [ -n "${PROFILE:-}" ]; then
   timeout 300 python bench/profile_model.py $PROFILE --out "$OUT/profile_model.json" 2>&1 | grep -vE "^\s*$|Warning|warn" | tail -40

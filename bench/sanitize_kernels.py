@@ -3,7 +3,8 @@
     compute-sanitizer --tool memcheck  python bench/sanitize_kernels.py
     compute-sanitizer --tool racecheck python bench/sanitize_kernels.py
 
-Covers a partial last chunk, several chunk groups, N padding and several channel tiles (atomics)."""
+Covers a partial last chunk, several chunk groups, N padding and several channel tiles (atomics), each in the
+forward and the reverse (backwards-indexed) direction."""
 import torch
 
 from causal_conv1d import causal_conv1d_fn
@@ -12,19 +13,20 @@ from mamba_ssm.ops import selective_scan_fn
 
 def main():
     torch.manual_seed(0)
-    for (b, d, length, n, dtype) in [(1, 40, 150, 16, torch.float32), (2, 136, 77, 5, torch.bfloat16),
-                                     (1, 16, 70, 64, torch.float16), (2, 40, 160, 16, torch.float32),
-                                     (1, 72, 136, 32, torch.float16)]:
+    cases = [(1, 40, 150, 16, torch.float32), (2, 136, 77, 5, torch.bfloat16), (1, 16, 70, 64, torch.float16),
+             (2, 40, 160, 16, torch.float32), (1, 72, 136, 32, torch.float16)]
+    for (b, d, length, n, dtype), reverse in [(c, r) for c in cases for r in (False, True)]:
         mk = lambda *s: torch.randn(*s, device="cuda").to(dtype).requires_grad_()  # noqa: E731
         u, delta, z = mk(b, d, length), mk(b, d, length), mk(b, d, length)
         Bm, Cm = mk(b, 1, n, length), mk(b, 1, n, length)
         A = (-torch.rand(d, n, device="cuda") * 4).requires_grad_()
         D = torch.randn(d, device="cuda", requires_grad=True)
         bias = torch.randn(d, device="cuda", requires_grad=True)
-        out, last = selective_scan_fn(u, delta, A, Bm, Cm, D, z, bias, delta_softplus=True, return_last_state=True)
+        out, last = selective_scan_fn(u, delta, A, Bm, Cm, D, z, bias, delta_softplus=True, return_last_state=True,
+                                      reverse=reverse)
         out.float().sum().backward()
         w = torch.randn(d, 4, device="cuda", requires_grad=True)
-        y = causal_conv1d_fn(u.detach().requires_grad_(), w, bias, "silu")
+        y = causal_conv1d_fn(u.detach().requires_grad_(), w, bias, "silu", reverse=reverse)
         y.float().sum().backward()
     torch.cuda.synchronize()
     print("sanitize run finished")
