@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mamba_ssm.ops.orderings import (legacy_grid, reverse_order, scan_order_indices, slice_order,
-                                     slice_order_inverse, validate_grid)
+                                     slice_order_inverse, slice_view_inverse, validate_grid)
 
 
 def chunk_stack(x, n):
@@ -37,6 +37,9 @@ def test_slice_order_equals_reference_chunk_stack_and_inverts(grid):
     permuted = slice_order(x, grid)
     assert torch.equal(permuted, chunk_stack(x, grid[0]))
     assert torch.equal(slice_order_inverse(permuted, grid), x)
+    view = slice_view_inverse(permuted, grid)  # the block adds through this view: no copy
+    assert view.shape == (2, 3, grid[0], grid[1] * grid[2]) and view.data_ptr() == permuted.data_ptr()
+    assert torch.equal(view.reshape(2, 3, length), x)
     order, inverse = scan_order_indices("slice", grid)
     assert torch.equal(x[..., order], permuted)
     assert torch.equal(permuted[..., inverse], x)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mamba_ssm.ops.orderings import (legacy_grid, reverse_order, slice_order, slice_order_inverse,
+from mamba_ssm.ops.orderings import (legacy_grid, reverse_order, slice_order, slice_view_inverse,
                                      validate_grid)
 from causal_conv1d.causal_conv1d_interface import backend_name as conv_backend_name
 from mamba_ssm.ops.selective_scan_interface import CUDA_KERNEL, active_backend, mamba_inner_fn_no_out_proj
@@ -170,5 +170,7 @@ class Mamba(nn.Module):
         else:  # PyTorch path: one flip in, one flip out (fewer copies than flipping inside each op)
             out_reverse = reverse_order(self._scan_direction(reverse_order(xz), self.direction_params("_b")))
         out_slice = self._scan_direction(slice_order(xz, grid), self.direction_params("_s"))
-        y = out_forward + out_reverse + slice_order_inverse(out_slice, grid)
+        # add the through-slice output through a transposed view: no un-sliced copy is materialised
+        y = out_forward + out_reverse
+        y.view(*y.shape[:2], grid[0], -1).add_(slice_view_inverse(out_slice, grid))
         return self.out_proj(y.transpose(1, 2))

@@ -62,6 +62,13 @@ def slice_order_inverse(x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     return x.reshape(*lead, height * width, depth).transpose(-1, -2).reshape(*lead, -1)
 
 
+def slice_view_inverse(x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """:func:`slice_order_inverse` as a view without a copy: (B, C, L) in through-slice order -> a
+    (B, C, D, H*W) strided view in C order (``.reshape(B, C, L)`` of it equals ``slice_order_inverse``)."""
+    depth, height, width = validate_grid(grid, x.shape[-1])
+    return x.reshape(*x.shape[:-1], height * width, depth).transpose(-1, -2)
+
+
 @lru_cache(maxsize=64)
 def _indices(kind: str, grid: Grid, device_str: str) -> Tuple[torch.Tensor, torch.Tensor]:
     length = grid[0] * grid[1] * grid[2]
