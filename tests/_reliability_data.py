@@ -72,10 +72,25 @@ def make_brats_raw(root, n_cases: int = 3, shape=(16, 16, 16)) -> list[str]:
     return names
 
 
+def preprocess_brats(raw, out, *extra) -> int:
+    """Runs step 2 (``2_preprocessing_mri.py``) on raw BraTS folders in one process, without progress bars;
+    returns its exit code."""
+    return load_script("2_preprocessing_mri.py").main(
+        ["--data_dir", str(raw), "--output_dir", str(out), "--num_processes", "1", "--no_progress", *extra])
+
+
 # ------------------------------------------------------------------------------------------------ ABUS raw
 def make_abus_raw(root, num_cases: int = 4, shape=(16, 24, 24), without: int = 0) -> None:
     from tools.make_abus_demo import generate
     generate(str(root), num_cases=num_cases, num_without_lesion=without, shape_zyx=shape, seed=5, progress=False)
+
+
+def preprocess_abus(raw, out, train_ratio: float, val_ratio: float, *extra) -> int:
+    """Runs ``abus_preprocessing.py`` on a raw ABUS folder in one process, without progress bars; returns its
+    exit code."""
+    return load_script("abus_preprocessing.py").main(
+        ["--abus_root", str(raw), "--output_base", str(out), "--num_processes", "1", "--train_ratio",
+         str(train_ratio), "--val_ratio", str(val_ratio), "--no_progress", *extra])
 
 
 def abus_files(root, case_id: str):

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from _reliability_data import (TINY_FLAGS, abus_files, cropped, load_script, make_abus_raw, make_brats_raw,
-                               not_an_image, other_spacing, rewrite, rewrite_case, tiny_retina_checkpoint,
-                               tiny_segmamba_checkpoint, truncate, with_nan, write_2d, write_4d)
+                               not_an_image, other_spacing, preprocess_abus, preprocess_brats, rewrite, rewrite_case,
+                               tiny_retina_checkpoint, tiny_segmamba_checkpoint, truncate, with_nan, write_2d,
+                               write_4d)
 from light_training.io import load_case, read_image, write_image
 from light_training.splits import save_splits
 
@@ -135,9 +136,7 @@ def abus_raw(tmp_path_factory):
 
 
 def _abus_preprocess(raw, out, *extra):
-    return load_script("abus_preprocessing.py").main(
-        ["--abus_root", str(raw), "--output_base", str(out), "--num_processes", "1", "--train_ratio", "0.34",
-         "--val_ratio", "0.33", "--no_progress", *extra])
+    return preprocess_abus(raw, out, 0.34, 0.33, *extra)
 
 
 @pytest.mark.parametrize("fault", list(ABUS_RAW_FAULTS))
@@ -174,9 +173,7 @@ def test_abus_preprocessing_of_an_empty_dataset_stops_with_exit_code_1(tmp_path,
 @pytest.fixture(scope="module")
 def brats_preprocessed(tmp_path_factory, brats_raw):
     root = tmp_path_factory.mktemp("brats_pre")
-    assert load_script("2_preprocessing_mri.py").main(
-        ["--data_dir", str(brats_raw[0]), "--output_dir", str(root / "fullres"), "--num_processes", "1",
-         "--no_progress"]) == 0
+    assert preprocess_brats(brats_raw[0], root / "fullres") == 0
     tiny_segmamba_checkpoint(root / "model.pt")
     return root
 

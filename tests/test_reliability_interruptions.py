@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from _reliability_data import ROOT, load_script, make_abus_raw, make_brats_raw, tiny_retina_checkpoint, \
-    tiny_segmamba_checkpoint
+from _reliability_data import ROOT, load_script, make_abus_raw, make_brats_raw, preprocess_abus, \
+    preprocess_brats, tiny_retina_checkpoint, tiny_segmamba_checkpoint
 from light_training.io import is_case_complete, load_case, read_image
 from light_training.splits import save_splits
 
@@ -219,9 +219,7 @@ SimpleITK.WriteImage = _killed_mid_write
 def brats_for_prediction(tmp_path_factory):
     root = tmp_path_factory.mktemp("brats_predict")
     names = make_brats_raw(root / "raw", n_cases=3)
-    assert load_script("2_preprocessing_mri.py").main(
-        ["--data_dir", str(root / "raw"), "--output_dir", str(root / "fullres"), "--num_processes", "1",
-         "--no_progress"]) == 0
+    assert preprocess_brats(root / "raw", root / "fullres") == 0
     save_splits(root / "splits.json", {"train": [], "val": [], "test": names})
     tiny_segmamba_checkpoint(root / "model.pt")
     return root, names
@@ -272,9 +270,7 @@ def test_abus_prediction_killed_mid_run_resumes_from_detections_json_to_the_unin
     monkeypatch.chdir(tmp_path)
     raw, pre = tmp_path / "raw", tmp_path / "abus"
     make_abus_raw(raw, num_cases=3)
-    assert load_script("abus_preprocessing.py").main(
-        ["--abus_root", str(raw), "--output_base", str(pre), "--num_processes", "1", "--train_ratio", "1.0",
-         "--val_ratio", "0.0", "--no_progress"]) == 0
+    assert preprocess_abus(raw, pre, 1.0, 0.0) == 0
     tiny_retina_checkpoint(tmp_path / "retina.pt")
 
     def args(out):

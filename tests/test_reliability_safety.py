@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from _reliability_data import (ROOT, TINY_FLAGS, load_script, make_abus_raw, make_brats_raw,
+from _reliability_data import (ROOT, TINY_FLAGS, load_script, make_abus_raw, make_brats_raw, preprocess_abus,
                                tiny_retina_checkpoint, tiny_segmamba_checkpoint)
 from light_training.io import read_image, write_image
 from light_training.splits import save_splits
@@ -123,9 +123,7 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused_without_running_it(tm
 def abus_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("abus_safety")
     make_abus_raw(root / "raw", num_cases=4)
-    assert load_script("abus_preprocessing.py").main(
-        ["--abus_root", str(root / "raw"), "--output_base", str(root / "abus"), "--num_processes", "1",
-         "--train_ratio", "0.5", "--val_ratio", "0.0", "--no_progress"]) == 0
+    assert preprocess_abus(root / "raw", root / "abus", 0.5, 0.0) == 0
     return root
 
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from _reliability_data import (TINY_FLAGS, load_script, make_abus_raw, make_brats_raw, rewrite_case,
-                               with_nan)
+from _reliability_data import (TINY_FLAGS, load_script, make_abus_raw, make_brats_raw, preprocess_abus,
+                               preprocess_brats, rewrite_case, with_nan)
 from light_training.checkpoint import load_checkpoint, tensors_are_finite
 from light_training.io import load_case
 from light_training.splits import save_splits
@@ -60,9 +60,7 @@ def assert_same_training_state(expected: dict, actual: dict) -> None:
 def brats_training_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("brats_train")
     names = make_brats_raw(root / "raw", n_cases=4)
-    assert load_script("2_preprocessing_mri.py").main(
-        ["--data_dir", str(root / "raw"), "--output_dir", str(root / "fullres"), "--num_processes", "1",
-         "--no_progress"]) == 0
+    assert preprocess_brats(root / "raw", root / "fullres") == 0
     save_splits(root / "splits.json", {"train": names[:2], "val": names[2:3], "test": names[3:]})
     return root, names
 
@@ -155,9 +153,7 @@ def test_brats_training_skips_and_counts_sporadic_nan_steps_and_finishes(brats_t
 def abus_training_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("abus_train")
     make_abus_raw(root / "raw", num_cases=4)
-    assert load_script("abus_preprocessing.py").main(
-        ["--abus_root", str(root / "raw"), "--output_base", str(root / "abus"), "--num_processes", "1",
-         "--train_ratio", "0.5", "--val_ratio", "0.5", "--no_progress"]) == 0
+    assert preprocess_abus(root / "raw", root / "abus", 0.5, 0.5) == 0
     return root
 
 
