@@ -49,12 +49,10 @@ def bench_scan(dtype, impl="kernel", reverse=False):
 
     def fwd():
         with torch.no_grad():
-            fn(u, delta, A, Bm, Cm, D, z, bias, delta_softplus=True, **kw)
-
-    kw = {"reverse": True} if reverse else {}
+            fn(u, delta, A, Bm, Cm, D, z, bias, delta_softplus=True, reverse=reverse)
 
     def fwd_bwd():
-        out = fn(*leaves[:7], delta_bias=leaves[7], delta_softplus=True, **kw)
+        out = fn(*leaves[:7], delta_bias=leaves[7], delta_softplus=True, reverse=reverse)
         out.backward(dout)
 
     rep = 20 if impl == "kernel" else 3
