@@ -94,19 +94,28 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench_kernels.json")
     ap.add_argument("--no_pytorch", action="store_true", help="skip the (slow) chunked PyTorch comparison")
+    ap.add_argument("--cpg", default="", help="comma-separated group sizes (chunks per block) to time as well")
     args = ap.parse_args()
     from mamba_ssm.ops import active_backend
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "scan_path": active_backend("cuda"), "copy_TBps": copy_bandwidth(), "scan": [], "conv": []}
     from mamba_ssm.ops import cuda_backend
     cuda_backend.available()
-    for prefetch in (False, True):  # the default (no cross-chunk prefetch), then the prefetching variant
-        cuda_backend._EXT.set_prefetch(prefetch)
-        for dt in (torch.float32, torch.float16, torch.bfloat16):
+    ext = cuda_backend._EXT
+    for lane in (True, False):  # lane-layout walks for d_state <= 16 (default), then the state-split kernels
+        ext.set_lane_kernels(lane)
+        for dt in (torch.float32, torch.float16, torch.bfloat16) if lane else (torch.float32, torch.float16):
             r = bench_scan(dt)
-            r["impl"] = "kernel" + ("-prefetch" if prefetch else "")
+            r["impl"] = "kernel" if lane else "kernel-split"
             res["scan"].append(r)
-    cuda_backend._EXT.set_prefetch(False)
+    ext.set_lane_kernels(True)
+    for cpg in [int(c) for c in args.cpg.split(",") if c]:  # group size sweep (chunks walked by one block)
+        ext.set_chunks_per_group(cpg)
+        for dt in (torch.float32, torch.float16):
+            r = bench_scan(dt)
+            r["impl"] = f"kernel-cpg{cpg}"
+            res["scan"].append(r)
+    ext.set_chunks_per_group(0)
     for dt in (torch.float32, torch.float16):  # the reverse direction, walked backwards by indexing
         r = bench_scan(dt, reverse=True)
         r["impl"] = "kernel-reverse"

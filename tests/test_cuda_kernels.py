@@ -154,6 +154,40 @@ def check_scan_case(case, dtype, reverse):
         assert e <= (fwd_tol if k in ("out", "last_state") else grad_tol), f"{k}: relative error {e:.3e}"
 
 
+# Group walks: one block walks chunks_per_group chunks serially, carrying the state (forward) and the adjoint
+# message (backward) from chunk to chunk; only group boundaries go through the carry kernels. Short sequences
+# get one chunk per group automatically, so the group sizes are forced here, on both thread layouts
+# (lane: one thread per channel, d_state <= 16; split: states spread over lanes), with a last group shorter
+# than the others and with L not a multiple of the chunk.
+GROUP_CASES = [
+    # (batch, dim, L, N)
+    (2, 96, 2049, 16),
+    (1, 200, 777, 16),   # two channel tiles in the lane layout (128 + 72), partial warps
+    (1, 40, 1000, 32),   # state-split kernels whatever the switch says
+    (2, 64, 4096, 16),   # vector row access
+]
+
+
+@pytest.fixture
+def scan_switches():
+    ext = scan_backend._EXT
+    yield ext
+    ext.set_chunks_per_group(0)
+    ext.set_lane_kernels(True)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "split"])
+@pytest.mark.parametrize("cpg", [1, 3, 7])
+@pytest.mark.parametrize("case", GROUP_CASES, ids=lambda c: "B{}D{}L{}N{}".format(*c))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_selective_scan_group_walks_match_float64_reference(case, cpg, lane, reverse, dtype, scan_switches):
+    scan_switches.set_chunks_per_group(cpg)
+    scan_switches.set_lane_kernels(lane)
+    b, d, length, n = case
+    check_scan_case((b, d, length, n, True, True, True, True), dtype, reverse=reverse)
+
+
 def test_selective_scan_small_case_matches_sequential_loop_oracle():
     inp = scan_inputs(2, 16, 200, 16, torch.float32, seed=3)
     out, last, _ = run_scan(inp, True, True, reference=False)

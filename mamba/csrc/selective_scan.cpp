@@ -20,6 +20,10 @@ using selective_scan::Params;
 bool g_poison = false;
 // Benchmark aid: issue the next chunk's loads before walking the current one (default on).
 bool g_prefetch = false;  // measured 3-6% faster off on an H200; both variants pass the GPU tests
+// Benchmark / test aids: the lane-layout walks for d_state <= 16 (default on) and a fixed group size
+// (chunks walked serially by one block; 0 = chosen from the GPU's size).
+bool g_lane = true;
+int g_chunks_per_group = 0;
 
 at::Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   at::Tensor t = at::empty(sizes, opts);
@@ -103,11 +107,11 @@ Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   p.seqlen = (int)seqlen;
   p.dstate = (int)dstate;
   p.nchunks = (int)((seqlen + selective_scan::kChunk - 1) / selective_scan::kChunk);
-  p.nseg = (p.nchunks + selective_scan::kSegChunks - 1) / selective_scan::kSegChunks;
   p.dtype = to_dtype(u);
   p.delta_softplus = delta_softplus;
   p.reverse = reverse;
   p.prefetch = g_prefetch;
+  p.lane_kernels = g_lane;
   p.u = u.data_ptr();
   p.delta = delta.data_ptr();
   p.z = z.has_value() ? z->data_ptr() : nullptr;
@@ -122,20 +126,25 @@ Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   auto aligned16 = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) % 16) == 0; };
   p.vec_io = seqlen % 8 == 0 && aligned16(p.u) && aligned16(p.delta) && aligned16(p.Bm) && aligned16(p.Cm) &&
              (p.z == nullptr || (aligned16(p.z) && p.z_batch_stride % 8 == 0));
-  // Chunks per block: enough blocks to fill the GPU several times over, grid.y within limits.
+  // Chunks per group (walked serially by one block): enough independent walks to fill the GPU several times
+  // over (warps of 32 channels for the lane kernels, blocks for the state-split ones), grid.y within limits.
+  // Forward and backward compute the same value for the same inputs on the same device.
   const int tiles = selective_scan::channel_tiles(p.dim, p.dstate);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const long long want_blocks = (long long)sms * 12;
-  long long per_group = ((long long)p.batch * tiles * p.nchunks) / want_blocks;
+  const bool lane = p.lane_kernels && selective_scan::padded_dstate(p.dstate) == 16;
+  const long long walks = lane ? (long long)p.batch * ((p.dim + 31) / 32) * p.nchunks
+                               : (long long)p.batch * tiles * p.nchunks;
+  long long per_group = g_chunks_per_group > 0 ? g_chunks_per_group : walks / ((long long)sms * (lane ? 24 : 12));
   if (per_group < 1) per_group = 1;
-  if (per_group > 16) per_group = 16;
+  if (per_group > 16 && g_chunks_per_group <= 0) per_group = 16;
   while ((p.nchunks + per_group - 1) / per_group > 65535) ++per_group;
   p.chunks_per_group = (int)per_group;
   p.ngroups = (int)((p.nchunks + per_group - 1) / per_group);
+  p.nseg = (p.ngroups + selective_scan::kSegChunks - 1) / selective_scan::kSegChunks;
   return p;
 }
 
-// Returns [out, last_state (or empty), chunk_carry, chunk_dsum]; the last two are saved for backward.
+// Returns [out, last_state (or empty), chunk_carry, group_dsum]; the last two are saved for backward.
 // reverse: scan the sequence last-to-first (outputs stay in memory order; last_state is the state after
 // memory position 0).
 std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
@@ -146,19 +155,21 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
   Params p = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse);
   auto f32 = u.options().dtype(at::kFloat);
   at::Tensor out = alloc(u.sizes(), u.options());
-  at::Tensor chunk_local = alloc({p.batch, p.nchunks, p.dstate, p.dim}, f32);
+  at::Tensor group_local = alloc({p.batch, p.ngroups, p.dstate, p.dim}, f32);
+  at::Tensor group_carry = alloc({p.batch, p.ngroups, p.dstate, p.dim}, f32);
   at::Tensor chunk_carry = alloc({p.batch, p.nchunks, p.dstate, p.dim}, f32);
-  at::Tensor chunk_dsum = alloc({p.batch, p.nchunks, p.dim}, f32);
+  at::Tensor group_dsum = alloc({p.batch, p.ngroups, p.dim}, f32);
   at::Tensor seg_agg = alloc({p.batch, p.nseg, p.dstate + 1, p.dim}, f32);
   at::Tensor last_state = return_last_state ? alloc({p.batch, p.dim, p.dstate}, f32) : at::Tensor();
   p.out = out.data_ptr();
-  p.chunk_local = chunk_local.data_ptr<float>();
+  p.group_local = group_local.data_ptr<float>();
+  p.group_carry = group_carry.data_ptr<float>();
   p.chunk_carry = chunk_carry.data_ptr<float>();
-  p.chunk_dsum = chunk_dsum.data_ptr<float>();
+  p.group_dsum = group_dsum.data_ptr<float>();
   p.seg_agg = seg_agg.data_ptr<float>();
   p.last_state = return_last_state ? last_state.data_ptr<float>() : nullptr;
   check_err(selective_scan::forward(p, at::cuda::getCurrentCUDAStream()), "forward");
-  return {out, last_state, chunk_carry, chunk_dsum};
+  return {out, last_state, chunk_carry, group_dsum};
 }
 
 // Returns [du, ddelta, dA, dB, dC, dD (or empty), dz (or empty), ddelta_bias (or empty)].
@@ -167,16 +178,16 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
                             const at::Tensor& C, const c10::optional<at::Tensor>& D,
                             const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
                             bool delta_softplus, const at::Tensor& dout, const at::Tensor& chunk_carry,
-                            const at::Tensor& chunk_dsum, bool reverse) {
+                            const at::Tensor& group_dsum, bool reverse) {
   const c10::cuda::CUDAGuard guard(u.device());
   Params p = make_params(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse);
   check_same(dout, "dout", u);
   TORCH_CHECK(chunk_carry.is_cuda() && chunk_carry.is_contiguous() && chunk_carry.scalar_type() == at::kFloat &&
                   chunk_carry.numel() == (int64_t)p.batch * p.nchunks * p.dstate * p.dim,
               "selective_scan: chunk_carry does not match the inputs (was it produced by fwd on them?)");
-  TORCH_CHECK(chunk_dsum.is_cuda() && chunk_dsum.is_contiguous() && chunk_dsum.scalar_type() == at::kFloat &&
-                  chunk_dsum.numel() == (int64_t)p.batch * p.nchunks * p.dim,
-              "selective_scan: chunk_dsum does not match the inputs");
+  TORCH_CHECK(group_dsum.is_cuda() && group_dsum.is_contiguous() && group_dsum.scalar_type() == at::kFloat &&
+                  group_dsum.numel() == (int64_t)p.batch * p.ngroups * p.dim,
+              "selective_scan: group_dsum does not match the inputs (was the group size changed between fwd and bwd?)");
   auto f32 = u.options().dtype(at::kFloat);
   const bool atomic_bc = selective_scan::channel_tiles(p.dim, p.dstate) > 1;
   at::Tensor du = alloc(u.sizes(), u.options());
@@ -184,8 +195,8 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
   at::Tensor dz = z.has_value() ? alloc(u.sizes(), u.options()) : at::Tensor();
   at::Tensor dB = atomic_bc ? at::zeros(B.sizes(), f32) : alloc(B.sizes(), f32);
   at::Tensor dC = atomic_bc ? at::zeros(C.sizes(), f32) : alloc(C.sizes(), f32);
-  at::Tensor rev_local = alloc({p.batch, p.nchunks, p.dstate, p.dim}, f32);
-  at::Tensor rev_carry = alloc({p.batch, p.nchunks, p.dstate, p.dim}, f32);
+  at::Tensor rev_local = alloc({p.batch, p.ngroups, p.dstate, p.dim}, f32);
+  at::Tensor rev_carry = alloc({p.batch, p.ngroups, p.dstate, p.dim}, f32);
   at::Tensor seg_agg = alloc({p.batch, p.nseg, p.dstate + 1, p.dim}, f32);
   at::Tensor dA_part = alloc({p.batch, p.ngroups, p.dstate, p.dim}, f32);
   at::Tensor dD_part = alloc({p.batch, p.ngroups, p.dim}, f32);
@@ -196,10 +207,10 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
   p.dz = z.has_value() ? dz.data_ptr() : nullptr;
   p.dB = dB.data_ptr<float>();
   p.dC = dC.data_ptr<float>();
-  p.chunk_local = rev_local.data_ptr<float>();
-  p.rev_carry = rev_carry.data_ptr<float>();
+  p.group_local = rev_local.data_ptr<float>();
+  p.group_carry = rev_carry.data_ptr<float>();
   p.chunk_carry = const_cast<float*>(chunk_carry.data_ptr<float>());
-  p.chunk_dsum = const_cast<float*>(chunk_dsum.data_ptr<float>());
+  p.group_dsum = const_cast<float*>(group_dsum.data_ptr<float>());
   p.seg_agg = seg_agg.data_ptr<float>();
   p.dA_part = dA_part.data_ptr<float>();
   p.dD_part = dD_part.data_ptr<float>();
@@ -220,8 +231,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("return_last_state"), py::arg("reverse") = false);
   m.def("bwd", &bwd, "selective scan backward", py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"),
         py::arg("C"), py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("delta_softplus"),
-        py::arg("dout"), py::arg("chunk_carry"), py::arg("chunk_dsum"), py::arg("reverse") = false);
+        py::arg("dout"), py::arg("chunk_carry"), py::arg("group_dsum"), py::arg("reverse") = false);
   m.attr("CHUNK") = selective_scan::kChunk;
   m.def("set_poison", [](bool on) { g_poison = on; }, "fill outputs with NaN before each launch (testing)");
   m.def("set_prefetch", [](bool on) { g_prefetch = on; }, "load the next chunk while walking the current one");
+  m.def("set_lane_kernels", [](bool on) { g_lane = on; },
+        "d_state <= 16: one thread per channel with all 16 states (default on); off = state-split kernels");
+  m.def("set_chunks_per_group", [](int n) { g_chunks_per_group = n; },
+        "chunks walked serially by one block (0 = automatic); forward and backward must use the same value");
 }

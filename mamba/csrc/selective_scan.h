@@ -8,26 +8,31 @@ namespace selective_scan {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// Tokens per chunk: the unit of the inter-chunk state carry (and of the saved forward states).
+// Tokens per chunk: the unit of shared-memory staging and of the saved forward states (chunk_carry).
 constexpr int kChunk = 64;
-// Chunks per carry segment (the carry kernels scan segments, then chunks inside a segment).
+// Groups per carry segment (the carry kernels scan segments of groups, then the groups inside a segment).
 constexpr int kSegChunks = 32;
 
-// All tensors are contiguous, except z, whose batch stride is z_batch_stride (rows of seqlen, stride 1). Shapes: u, delta, z, out, dout, du, ddelta, dz: (batch, dim, seqlen) in
-// `dtype`; A: (dim, dstate) fp32; Bm, Cm: (batch, 1, dstate, seqlen) in `dtype`; D, delta_bias: (dim) fp32
-// or null; chunk arrays: (batch, nchunks, dstate, dim) fp32; chunk_dsum: (batch, nchunks, dim) fp32;
-// seg_agg: (batch, nseg, dstate + 1, dim) fp32; last_state: (batch, dim, dstate) fp32 or null;
+// All tensors are contiguous, except z, whose batch stride is z_batch_stride (rows of seqlen, stride 1).
+// Shapes: u, delta, z, out, dout, du, ddelta, dz: (batch, dim, seqlen) in `dtype`; A: (dim, dstate) fp32;
+// Bm, Cm: (batch, 1, dstate, seqlen) in `dtype`; D, delta_bias: (dim) fp32 or null;
+// chunk_carry: (batch, nchunks, dstate, dim) fp32; group_local, group_carry: (batch, ngroups, dstate, dim) fp32;
+// group_dsum: (batch, ngroups, dim) fp32; seg_agg: (batch, nseg, dstate + 1, dim) fp32 with
+// nseg = ceil(ngroups / kSegChunks); last_state: (batch, dim, dstate) fp32 or null;
 // dB, dC: (batch, 1, dstate, seqlen) fp32 (zero-filled when `grid_dim_tiles() > 1`, which uses atomics);
 // dA_part: (batch, ngroups, dstate, dim); dD_part, dbias_part: (batch, ngroups, dim) fp32.
 struct Params {
   int batch = 0, dim = 0, seqlen = 0, dstate = 0;
   int nchunks = 0, nseg = 0;
-  int chunks_per_group = 1, ngroups = 0;  // backward main kernel: chunks handled by one block
+  // The sequence is cut into groups of chunks_per_group chunks; one block walks one group serially (chunk
+  // after chunk, carrying the state), and only group boundaries go through the carry kernels.
+  int chunks_per_group = 1, ngroups = 0;
   DType dtype = DType::kFloat32;
   bool delta_softplus = false;
   bool prefetch = true;  // issue the next chunk's loads before walking the current one
   bool vec_io = false;   // rows are 16-byte aligned (seqlen % 8 == 0, aligned pointers): vector loads/stores
   bool reverse = false;  // walk the sequence last-to-first: logical token t is memory position seqlen - 1 - t
+  bool lane_kernels = true;  // d_state <= 16: one thread per channel holding all 16 states (selective_scan_lane.cuh)
 
   const void* u = nullptr;
   const void* delta = nullptr;
@@ -42,10 +47,10 @@ struct Params {
   void* out = nullptr;
   float* last_state = nullptr;
 
-  float* chunk_local = nullptr;   // per-chunk local aggregate (forward: state; backward: message)
-  float* chunk_dsum = nullptr;    // per-chunk sum of delta (after bias/softplus)
-  float* chunk_carry = nullptr;   // forward: state entering each chunk (saved for backward)
-  float* rev_carry = nullptr;     // backward: adjoint message entering each chunk from the right
+  float* group_local = nullptr;   // per-group walk from zero (forward: end state; backward: message leaving it)
+  float* group_dsum = nullptr;    // per-group sum of delta (after bias/softplus); saved for backward
+  float* group_carry = nullptr;   // forward: state entering each group; backward: message entering from the right
+  float* chunk_carry = nullptr;   // forward: state entering each chunk (written by the output walk, saved)
   float* seg_agg = nullptr;
 
   const void* dout = nullptr;

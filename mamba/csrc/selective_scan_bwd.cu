@@ -6,6 +6,7 @@
 // dB_t[n] = Σ_d λ_t Δ_t u_t;  dC_t[n] = Σ_d dy_t h_t;  dA = Σ_t q_t Δ_t;  dD = Σ_t dy_t u_t;
 // dz_t = dout_t y_t σ(z)(1 + z(1 − σ(z)));  dδ_t = dΔ_t σ(δ_t + bias) (softplus) or dΔ_t;  dbias = Σ_t dδ_t.
 #include "selective_scan_kernels.cuh"
+#include "selective_scan_lane.cuh"
 
 namespace selective_scan {
 namespace detail {
@@ -71,7 +72,8 @@ struct BwdRegs {
   }
 };
 
-// Local reverse walk of the adjoint from a zero message: chunk_local = message leaving the chunk's first token.
+// Reverse walk of the adjoint over each group from a zero message: group_local = message leaving the group's
+// first token.
 template <typename T, int NP, bool kPrefetch>
 __global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : kBwdLocalMinBlocks) bwd_local_kernel(Params p) {
   using G = Geo<NP>;
@@ -91,16 +93,16 @@ __global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : kBwdLocalMinBlocks) 
     r.load(p, b, ch * kChunk, /*need_u=*/false);
     r_C.load(p, p.Cm, b, ch * kChunk);
   };
-  if (kPrefetch && ch_begin < ch_end) prefetch(ch_begin);
-  for (int ch = ch_begin; ch < ch_end; ++ch) {
+  if (kPrefetch && ch_begin < ch_end) prefetch(ch_end - 1);
+  float m[kNPT] = {0.f, 0.f, 0.f, 0.f};
+  for (int ch = ch_end - 1; ch >= ch_begin; --ch) {
     const int t0 = ch * kChunk;
     __syncthreads();
     if (!kPrefetch) prefetch(ch);
     r.commit(p, t0, s_delta, nullptr, s_dy, nullptr, nullptr);
     r_C.store(p, s_C);
     __syncthreads();
-    if (kPrefetch && ch + 1 < ch_end) prefetch(ch + 1);
-    float m[kNPT] = {0.f, 0.f, 0.f, 0.f};
+    if (kPrefetch && ch - 1 >= ch_begin) prefetch(ch - 1);
 #pragma unroll 4
     for (int t = kChunk - 1; t >= 0; --t) {
       const float dl = s_delta[t * G::TS + w.c];
@@ -111,8 +113,8 @@ __global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : kBwdLocalMinBlocks) 
       m[2] = fast_exp2(dl * A2[2]) * (dy * cv.z + m[2]);
       m[3] = fast_exp2(dl * A2[3]) * (dy * cv.w + m[3]);
     }
-    store_chunk_state<NP>(p, w, p.chunk_local, b, ch, m);
   }
+  store_group_state<NP>(p, w, p.group_local, b, blockIdx.y, m);
 }
 
 template <int NP>
@@ -146,8 +148,11 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
   float dD_acc = 0.f, dbias_acc = 0.f;
   const int ch_begin = blockIdx.y * p.chunks_per_group;
   const int ch_end = min(ch_begin + p.chunks_per_group, p.nchunks);
+  // Adjoint message entering the group from the right; chunks are walked last to first, carrying it.
+  float m[kNPT];
+  load_group_state<NP>(p, w, p.group_carry, b, blockIdx.y, m);
 
-  for (int ch = ch_begin; ch < ch_end; ++ch) {
+  for (int ch = ch_end - 1; ch >= ch_begin; --ch) {
     const int t0 = ch * kChunk;
     __syncthreads();
     {
@@ -184,8 +189,6 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
     }
 
     // Phase 2: segments last to first; recompute decays and states, then walk the adjoint backwards.
-    float m[kNPT];
-    load_chunk_state<NP>(p, w, p.rev_carry, b, ch, m);
     for (int seg = kSegsPerChunk - 1; seg >= 0; --seg) {
       float* s_red = s_red0 + (seg & 1) * kSeg * G::R * kThreads;
       if (seg > 0) {
@@ -317,10 +320,15 @@ cudaError_t backward_impl(const Params& p, cudaStream_t stream) {
   err = cudaFuncSetAttribute(bwd_main_kernel<T, NP>, cudaFuncAttributePreferredSharedMemoryCarveout,
                              (int)cudaSharedmemCarveoutMaxShared);
   if (err != cudaSuccess) return err;
-  if (p.prefetch) bwd_local_kernel<T, NP, true><<<grid, kThreads, smem_local, stream>>>(p);
-  else bwd_local_kernel<T, NP, false><<<grid, kThreads, smem_local, stream>>>(p);
+  if (NP == 16 && p.lane_kernels) {
+    if ((err = launch_bwd_lane_local<T>(p, stream)) != cudaSuccess) return err;
+  } else if (p.prefetch) {
+    bwd_local_kernel<T, NP, true><<<grid, kThreads, smem_local, stream>>>(p);
+  } else {
+    bwd_local_kernel<T, NP, false><<<grid, kThreads, smem_local, stream>>>(p);
+  }
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  if ((err = launch_carry(p, /*reverse=*/true, p.chunk_local, p.rev_carry, stream)) != cudaSuccess) return err;
+  if ((err = launch_carry(p, /*reverse=*/true, p.group_local, p.group_carry, stream)) != cudaSuccess) return err;
   bwd_main_kernel<T, NP><<<grid, kThreads, smem_main, stream>>>(p, grid.x > 1);
   return cudaGetLastError();
 }

@@ -1,10 +1,11 @@
-// Selective-scan forward: local chunk walks, carry, output walks. See selective_scan_kernels.cuh.
+// Selective-scan forward: local group walks, carry, output walks. See selective_scan_kernels.cuh.
 #include "selective_scan_kernels.cuh"
+#include "selective_scan_lane.cuh"
 
 namespace selective_scan {
 namespace detail {
 
-// Walk each chunk from a zero state: chunk_local = end state, chunk_dsum = Σ Δ over the chunk.
+// Walk each group from a zero state: group_local = end state, group_dsum = Σ Δ over the group.
 template <typename T, int NP, bool kPrefetch>
 __global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : kFwdLocalMinBlocks) fwd_local_kernel(Params p) {
   using G = Geo<NP>;
@@ -27,6 +28,8 @@ __global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : kFwdLocalMinBlocks) 
     r_B.load(p, p.Bm, b, ch * kChunk);
   };
   if (kPrefetch && ch_begin < ch_end) prefetch(ch_begin);
+  float h[kNPT] = {0.f, 0.f, 0.f, 0.f};
+  float dsum = 0.f;
   for (int ch = ch_begin; ch < ch_end; ++ch) {
     const int t0 = ch * kChunk;
     __syncthreads();
@@ -36,8 +39,6 @@ __global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : kFwdLocalMinBlocks) 
     r_B.store(p, s_B);
     __syncthreads();
     if (kPrefetch && ch + 1 < ch_end) prefetch(ch + 1);
-    float h[kNPT] = {0.f, 0.f, 0.f, 0.f};
-    float dsum = 0.f;
 #pragma unroll 4
     for (int t = 0; t < kChunk; ++t) {
       const float dl = s_delta[t * G::TS + w.c];
@@ -49,12 +50,13 @@ __global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : kFwdLocalMinBlocks) 
       h[3] = fast_exp2(dl * A2[3]) * h[3] + du * bv.w;
       dsum += dl;
     }
-    store_chunk_state<NP>(p, w, p.chunk_local, b, ch, h);
-    if (w.active && w.q == 0) p.chunk_dsum[((size_t)b * p.nchunks + ch) * p.dim + w.d] = dsum;
   }
+  store_group_state<NP>(p, w, p.group_local, b, blockIdx.y, h);
+  if (w.active && w.q == 0) p.group_dsum[group_dsum_idx(p, b, blockIdx.y, w.d)] = dsum;
 }
 
-// Walk each chunk from its true incoming state and write out = (Σ_n C h + D u) · silu(z).
+// Walk each group from its true incoming state and write out = (Σ_n C h + D u) · silu(z), and the state
+// entering every chunk (chunk_carry, for the backward).
 template <typename T, int NP, bool kPrefetch>
 __global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : (NP == 64 ? 4 : kFwdOutMinBlocks)) fwd_out_kernel(Params p) {
   using G = Geo<NP>;
@@ -83,8 +85,11 @@ __global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : (NP == 64 ? 4 : kFwd
     r_C.load(p, p.Cm, b, ch * kChunk);
   };
   if (kPrefetch && ch_begin < ch_end) prefetch(ch_begin);
+  float h[kNPT];
+  load_group_state<NP>(p, w, p.group_carry, b, blockIdx.y, h);
   for (int ch = ch_begin; ch < ch_end; ++ch) {
     const int t0 = ch * kChunk;
+    store_chunk_state<NP>(p, w, p.chunk_carry, b, ch, h);
     __syncthreads();
     if (!kPrefetch) prefetch(ch);
     r_delta.commit(p, t0, s_delta, [&](float v, bool valid, int d) { return valid ? delta_in(p, v, d) : 0.f; });
@@ -94,8 +99,6 @@ __global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : (NP == 64 ? 4 : kFwd
     r_C.store(p, s_C);
     __syncthreads();
     if (kPrefetch && ch + 1 < ch_end) prefetch(ch + 1);
-    float h[kNPT];
-    load_chunk_state<NP>(p, w, p.chunk_carry, b, ch, h);
 #pragma unroll 4
     for (int t = 0; t < kChunk; ++t) {
       const float dl = s_delta[t * G::TS + w.c];
@@ -131,10 +134,11 @@ cudaError_t forward_impl(const Params& p, cudaStream_t stream) {
     if ((err = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_local)) != cudaSuccess)
       return err;
   }
+  if (NP == 16 && p.lane_kernels) return forward_lane<T>(p, stream);
   if (p.prefetch) fwd_local_kernel<T, NP, true><<<grid, kThreads, smem_local, stream>>>(p);
   else fwd_local_kernel<T, NP, false><<<grid, kThreads, smem_local, stream>>>(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  if ((err = launch_carry(p, /*reverse=*/false, p.chunk_local, p.chunk_carry, stream)) != cudaSuccess) return err;
+  if ((err = launch_carry(p, /*reverse=*/false, p.group_local, p.group_carry, stream)) != cudaSuccess) return err;
   if (p.prefetch) fwd_out_kernel<T, NP, true><<<grid, kThreads, smem_out, stream>>>(p);
   else fwd_out_kernel<T, NP, false><<<grid, kThreads, smem_out, stream>>>(p);
   return cudaGetLastError();

@@ -4,21 +4,29 @@
 //   Δ_t = softplus(δ_t + bias_d) (or δ_t + bias_d),  a_t = exp(Δ_t A[d,n]),  h_t = a_t h_{t-1} + Δ_t B_t[n] u_t,
 //   y_t = Σ_n C_t[n] h_t[n] + D_d u_t,  out_t = y_t · silu(z_t) (or y_t).
 //
-// Parallel structure. The sequence is cut into chunks of kChunk tokens. One thread walks one chunk of one
-// channel for kNPT=4 states (a channel's states are spread over NP/4 neighbouring lanes), so every block works
-// on (batch b, one chunk, a tile of channels) at a time and there are B·D·L/64·N/4 independent walks.
-//   forward:  (1) local walk from a zero state -> per-chunk end state and Σ Δ      [fwd_local_kernel]
-//             (2) carry across chunks (segments of kSegChunks chunks, then chunks) [carry_* kernels]
-//             (3) walk again from the true incoming state -> outputs               [fwd_out_kernel]
-//   backward: (1) local reverse walk of the adjoint from zero -> per-chunk message  [bwd_local_kernel]
-//             (2) carry the message right-to-left                                  [carry_* kernels]
-//             (3) per chunk: forward walk storing a state checkpoint every kSeg tokens, then segment by
-//                 segment (last first): recompute the kSeg states and decays into registers and walk the
-//                 adjoint backwards, producing every gradient                       [bwd_main_kernel]
-// Per-token inputs are staged into shared-memory tiles [token][channel] with coalesced loads (softplus,
-// sigmoid and silu evaluated once per token there), B and C into [token][state] tiles shared by all channels
-// of the block. dB/dC (sums over channels) are reduced across lanes with a reduce-scatter butterfly and across
-// warps in shared memory, so each (n, t) is written once per channel tile.
+// Parallel structure. The sequence is cut into chunks of kChunk tokens (the unit of shared-memory staging and
+// of the saved states) and groups of chunks_per_group chunks. One block walks one group of one channel tile
+// serially, carrying the state from chunk to chunk; only group boundaries go through the carry kernels.
+// Two thread layouts:
+//   lane layout (d_state <= 16, selective_scan_lane.cuh): one thread per channel holding all 16 states, so the
+//     per-token work (Δ, softplus, Δu, gating) is shared by 16 states and the output needs no shuffles;
+//     per-channel rows are read by each thread in 32-byte vectors, B and C staged per chunk in shared memory.
+//   state-split layout (this file, NP = 16/32/64): a channel's states are spread over NP/4 neighbouring lanes,
+//     kNPT = 4 states per thread; per-token inputs staged into [token][channel] shared-memory tiles.
+//   forward:  (1) walk each group from a zero state -> group end state and Σ Δ        [fwd_local / fwd_lane<local>]
+//             (2) carry across groups (segments of kSegChunks groups, then groups)     [carry_* kernels]
+//             (3) walk each group from its true incoming state -> outputs, and the state
+//                 entering every chunk (chunk_carry, saved for backward)               [fwd_out / fwd_lane<out>]
+//   backward: (1) reverse walk of the adjoint over each group from zero -> message   [bwd_local / bwd_lane_local]
+//             (2) carry the message right-to-left across groups                      [carry_* kernels]
+//             (3) chunks of a group last to first, carrying the message: forward walk from chunk_carry storing
+//                 a state checkpoint every kSeg tokens, then segment by segment (last first): recompute the
+//                 kSeg states and decays into registers and walk the adjoint backwards -> every gradient
+//                                                                                       [bwd_main_kernel]
+// In the state-split kernels per-token inputs are staged into shared-memory tiles [token][channel] with
+// coalesced loads (softplus, sigmoid and silu evaluated once per token there), B and C into [token][state]
+// tiles shared by all channels of the block. dB/dC (sums over channels) are reduced across lanes with a
+// reduce-scatter butterfly and across warps in shared memory, so each (n, t) is written once per channel tile.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -367,11 +375,39 @@ __device__ __forceinline__ float sum_states(float v) {
   return v;
 }
 
+// Group array (batch, ngroups, dstate, dim) index.
+__device__ __forceinline__ size_t group_idx(const Params& p, int b, int g, int n, int d) {
+  return (((size_t)b * p.ngroups + g) * p.dstate + n) * p.dim + d;
+}
+__device__ __forceinline__ size_t group_dsum_idx(const Params& p, int b, int g, int d) {
+  return ((size_t)b * p.ngroups + g) * p.dim + d;
+}
+
+template <int NP>
+__device__ __forceinline__ void load_group_state(const Params& p, const Who<NP>& w, const float* arr, int b,
+                                                 int g, float (&h)[kNPT]) {
+#pragma unroll
+  for (int k = 0; k < kNPT; ++k) {
+    const int n = w.q * kNPT + k;
+    h[k] = (w.active && n < p.dstate) ? arr[group_idx(p, b, g, n, w.d)] : 0.f;
+  }
+}
+
+template <int NP>
+__device__ __forceinline__ void store_group_state(const Params& p, const Who<NP>& w, float* arr, int b, int g,
+                                                  const float (&h)[kNPT]) {
+#pragma unroll
+  for (int k = 0; k < kNPT; ++k) {
+    const int n = w.q * kNPT + k;
+    if (w.active && n < p.dstate) arr[group_idx(p, b, g, n, w.d)] = h[k];
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
-// Carry across chunks. local/dsum come from a local-walk kernel; for every chunk c, carry[c] is what enters
-// the chunk: forward  carry[0] = 0, carry[c+1] = exp(A·dsum[c])·carry[c] + local[c];
-//            reverse  carry[C-1] = 0, carry[c-1] = exp(A·dsum[c])·carry[c] + local[c].
-// One thread per (b, segment, n, d) (d fastest: coalesced). Segments of kSegChunks chunks.
+// Carry across groups. local/dsum come from a local-walk kernel; for every group g, carry[g] is what enters
+// the group: forward  carry[0] = 0, carry[g+1] = exp(A·dsum[g])·carry[g] + local[g];
+//            reverse  carry[G-1] = 0, carry[g-1] = exp(A·dsum[g])·carry[g] + local[g].
+// One thread per (b, segment, n, d) (d fastest: coalesced). Segments of kSegChunks groups.
 // ---------------------------------------------------------------------------------------------------------
 struct CarryIdx {
   int b, s, n, d;
@@ -396,12 +432,12 @@ __global__ void carry_segments_kernel(Params p, const float* local) {
   if (idx >= total) return;
   const CarryIdx w(p, idx);
   const float A2 = p.A[(size_t)w.d * p.dstate + w.n] * kLog2e;
-  const int lo = w.s * kSegChunks, hi = min(lo + kSegChunks, p.nchunks);
+  const int lo = w.s * kSegChunks, hi = min(lo + kSegChunks, p.ngroups);
   float H = 0.f, S = 0.f;
   for (int i = 0; i < hi - lo; ++i) {
-    const int c = kReverse ? hi - 1 - i : lo + i;
-    const float ds = p.chunk_dsum[((size_t)w.b * p.nchunks + c) * p.dim + w.d];
-    H = fast_exp2(A2 * ds) * H + local[chunk_idx(p, w.b, c, w.n, w.d)];
+    const int g = kReverse ? hi - 1 - i : lo + i;
+    const float ds = p.group_dsum[group_dsum_idx(p, w.b, g, w.d)];
+    H = fast_exp2(A2 * ds) * H + local[group_idx(p, w.b, g, w.n, w.d)];
     S += ds;
   }
   p.seg_agg[seg_idx(p, w.b, w.s, w.n, w.d)] = H;
@@ -421,12 +457,12 @@ __global__ void carry_apply_kernel(Params p, const float* local, float* carry) {
     const int s2 = kReverse ? p.nseg - 1 - i : i;
     H = fast_exp2(A2 * p.seg_agg[seg_idx(p, w.b, s2, p.dstate, w.d)]) * H + p.seg_agg[seg_idx(p, w.b, s2, w.n, w.d)];
   }
-  const int lo = w.s * kSegChunks, hi = min(lo + kSegChunks, p.nchunks);
+  const int lo = w.s * kSegChunks, hi = min(lo + kSegChunks, p.ngroups);
   for (int i = 0; i < hi - lo; ++i) {
-    const int c = kReverse ? hi - 1 - i : lo + i;
-    carry[chunk_idx(p, w.b, c, w.n, w.d)] = H;
-    const float ds = p.chunk_dsum[((size_t)w.b * p.nchunks + c) * p.dim + w.d];
-    H = fast_exp2(A2 * ds) * H + local[chunk_idx(p, w.b, c, w.n, w.d)];
+    const int g = kReverse ? hi - 1 - i : lo + i;
+    carry[group_idx(p, w.b, g, w.n, w.d)] = H;
+    const float ds = p.group_dsum[group_dsum_idx(p, w.b, g, w.d)];
+    H = fast_exp2(A2 * ds) * H + local[group_idx(p, w.b, g, w.n, w.d)];
   }
   if (!kReverse && p.last_state != nullptr && w.s == p.nseg - 1)
     p.last_state[((size_t)w.b * p.dim + w.d) * p.dstate + w.n] = H;

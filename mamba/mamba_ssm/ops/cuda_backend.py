@@ -35,6 +35,9 @@ def available() -> bool:
             prefetch = os.environ.get("SEGMAMBA_SCAN_PREFETCH")
             if prefetch is not None and hasattr(_EXT, "set_prefetch"):
                 _EXT.set_prefetch(prefetch != "0")
+            lane = os.environ.get("SEGMAMBA_SCAN_LANE")  # 0: state-split kernels for d_state <= 16 too
+            if lane is not None and hasattr(_EXT, "set_lane_kernels"):
+                _EXT.set_lane_kernels(lane != "0")
         except ImportError:
             _AVAILABLE = False
     return _AVAILABLE
@@ -69,7 +72,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 class SelectiveScanCudaFn(torch.autograd.Function):
     """Autograd wrapper of the forward/backward kernels. Saves the per-chunk carried states (float32,
-    ``batch·L/64·N·dim`` values) instead of the full ``(batch, dim, N, L)`` state history."""
+    ``batch·L/64·N·dim`` values) and per-group sums of delta instead of the full ``(batch, dim, N, L)`` state
+    history."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse):
