@@ -52,6 +52,8 @@ def bench_scan(dtype, impl="kernel", reverse=False):
             fn(u, delta, A, Bm, Cm, D, z, bias, delta_softplus=True, reverse=reverse)
 
     def fwd_bwd():
+        for t in leaves:  # the gradients are assigned, not accumulated into earlier ones (no extra adds timed)
+            t.grad = None
         out = fn(*leaves[:7], delta_bias=leaves[7], delta_softplus=True, reverse=reverse)
         out.backward(dout)
 
@@ -81,6 +83,8 @@ def bench_conv(dtype, reverse=False):
             causal_conv1d_fn(x, w, b, "silu", reverse=reverse)
 
     def fwd_bwd():
+        for t in (x, w, b):
+            t.grad = None
         causal_conv1d_fn(x, w, b, "silu", reverse=reverse).backward(dout)
 
     t_f, t_fb = cuda_timed(fwd)[0], cuda_timed(fwd_bwd)[0]
@@ -94,6 +98,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench_kernels.json")
     ap.add_argument("--no_pytorch", action="store_true", help="skip the (slow) chunked PyTorch comparison")
+    ap.add_argument("--lane_threads", default="", help="comma-separated lane-kernel block sizes to time as well")
     ap.add_argument("--cpg", default="", help="comma-separated group sizes (chunks per block) to time as well")
     args = ap.parse_args()
     from mamba_ssm.ops import active_backend
@@ -109,6 +114,13 @@ def main():
             r["impl"] = "kernel" if lane else "kernel-split"
             res["scan"].append(r)
     ext.set_lane_kernels(True)
+    for nt in [int(c) for c in args.lane_threads.split(",") if c]:  # lane-kernel block size (96 / 128)
+        ext.set_lane_threads(nt)
+        for dt in (torch.float32, torch.float16):
+            r = bench_scan(dt)
+            r["impl"] = f"kernel-threads{nt}"
+            res["scan"].append(r)
+    ext.set_lane_threads(0)
     for cpg in [int(c) for c in args.cpg.split(",") if c]:  # group size sweep (chunks walked by one block)
         ext.set_chunks_per_group(cpg)
         for dt in (torch.float32, torch.float16):

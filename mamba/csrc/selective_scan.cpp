@@ -24,6 +24,7 @@ bool g_prefetch = false;  // measured 3-6% faster off on an H200; both variants 
 // (chunks walked serially by one block; 0 = chosen from the GPU's size).
 bool g_lane = true;
 int g_chunks_per_group = 0;
+int g_lane_threads = 0;
 
 at::Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   at::Tensor t = at::empty(sizes, opts);
@@ -112,6 +113,7 @@ Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   p.reverse = reverse;
   p.prefetch = g_prefetch;
   p.lane_kernels = g_lane;
+  p.lane_threads = g_lane_threads;
   p.u = u.data_ptr();
   p.delta = delta.data_ptr();
   p.z = z.has_value() ? z->data_ptr() : nullptr;
@@ -237,6 +239,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_prefetch", [](bool on) { g_prefetch = on; }, "load the next chunk while walking the current one");
   m.def("set_lane_kernels", [](bool on) { g_lane = on; },
         "d_state <= 16: one thread per channel with all 16 states (default on); off = state-split kernels");
+  m.def("set_lane_threads", [](int n) { g_lane_threads = n; },
+        "block size of the lane kernels: 96, 128 or 0 (automatic: 96 when dim splits into warps by 3, not 4)");
   m.def("set_chunks_per_group", [](int n) { g_chunks_per_group = n; },
         "chunks walked serially by one block (0 = automatic); forward and backward must use the same value");
 }

@@ -33,6 +33,7 @@ struct Params {
   bool vec_io = false;   // rows are 16-byte aligned (seqlen % 8 == 0, aligned pointers): vector loads/stores
   bool reverse = false;  // walk the sequence last-to-first: logical token t is memory position seqlen - 1 - t
   bool lane_kernels = true;  // d_state <= 16: one thread per channel holding all 16 states (selective_scan_lane.cuh)
+  int lane_threads = 0;      // block size of the lane kernels: 96, 128 or 0 (chosen from dim)
 
   const void* u = nullptr;
   const void* delta = nullptr;

@@ -6,15 +6,16 @@
 // reduction over the 4 lanes of a channel. Here a thread does the per-token channel work once for 16 states and
 // sums y in registers; the walk is bound by the 16 exp2 per token (the MUFU unit), not by issue.
 //
-// Layout. Block = 128 threads = 128 consecutive channels (warps wholly past `dim` skip the walk but still stage
-// B/C). Grid = (channel tiles of 128, groups, batch); a block walks its group chunk by chunk.
+// Layout. Block = 96 or 128 threads = as many consecutive channels (96 when the channel count is a multiple of
+// 96 but not of 128, e.g. the model's d_inner 96 and 192, so that no warp idles; warps wholly past `dim` skip
+// the walk but still stage B/C). Grid = (channel tiles, groups, batch); a block walks its group chunk by chunk.
 //   - Per-channel rows (Δ, u, z, dout) are read by each thread directly from global memory in sub-chunks of
-//     32 bytes (8 fp32 / 16 fp16-bf16 tokens: two 16-byte granules), the next sub-chunk issued before the
-//     current one is walked. Lanes of a warp read 32 different rows, but each sector is used in full.
+//     8 tokens (16-byte granules), the next sub-chunk issued before the current one is walked. Lanes of a warp
+//     read 32 different rows, but each 32-byte sector is used in full (16-bit: by two sub-chunks, via L1).
 //   - B and C (shared by all channels) are staged per chunk into [token][state] shared-memory tiles, double
 //     buffered: the next chunk's values are loaded into registers while the current chunk is walked.
 //   - reverse: logical token t is memory position seqlen-1-t. Vector granules are loaded from the mirrored
-//     position and read back to front (slot()); the scalar path stores into the same mirrored slots.
+//     position and read back to front (at()/get()); the scalar path stores into the same mirrored slots.
 #pragma once
 
 #include "selective_scan_kernels.cuh"
@@ -23,20 +24,23 @@ namespace selective_scan {
 namespace detail {
 
 constexpr int kLaneN = 16;             // states per thread
-constexpr int kLaneBS = Geo<16>::BS;   // row stride of the [token][state] B/C tiles (BCRegs<T, 16> layout)
+constexpr int kLaneBS = Geo<16>::BS;   // row stride of the [token][state] B/C tiles
 constexpr int kLaneTile = kChunk * kLaneBS;
 
-// One channel row's sub-chunk of kSub tokens in raw input precision (two 16-byte granules).
+// One channel row's sub-chunk of kSub = 8 tokens in raw input precision: 16-byte granules, two for fp32, one
+// for 16-bit types (whose 32-byte sector is then read by two consecutive sub-chunks; the second hits L1). Eight
+// tokens keep the unrolled walk body small.
 template <typename T>
 struct LaneRow {
   static constexpr int kG = 16 / (int)sizeof(T);  // tokens per granule
-  static constexpr int kSub = 2 * kG;              // tokens per sub-chunk
+  static constexpr int kSub = 8;                   // tokens per sub-chunk
+  static constexpr int kNG = kSub / kG;            // granules per sub-chunk
   struct alignas(16) Gran { T e[kG]; };
-  Gran g[2];
+  Gran g[kNG];
 
   __device__ __forceinline__ void zero() {
 #pragma unroll
-    for (int gi = 0; gi < 2; ++gi)
+    for (int gi = 0; gi < kNG; ++gi)
 #pragma unroll
       for (int j = 0; j < kG; ++j) g[gi].e[j] = Cvt<T>::to(0.f);
   }
@@ -44,7 +48,7 @@ struct LaneRow {
   __device__ __forceinline__ void load(const Params& p, const T* row, int t, bool active) {
     if (p.vec_io) {  // seqlen % 8 == 0: a granule is wholly inside or wholly outside the row
 #pragma unroll
-      for (int gi = 0; gi < 2; ++gi) {
+      for (int gi = 0; gi < kNG; ++gi) {
         const int tt = t + gi * kG;
         if (active && tt < p.seqlen) {
           g[gi] = *reinterpret_cast<const Gran*>(row + (p.reverse ? p.seqlen - tt - kG : tt));
@@ -55,7 +59,7 @@ struct LaneRow {
       }
     } else {
 #pragma unroll
-      for (int gi = 0; gi < 2; ++gi)
+      for (int gi = 0; gi < kNG; ++gi)
 #pragma unroll
         for (int j = 0; j < kG; ++j) {
           const int tt = t + gi * kG + j;
@@ -71,13 +75,60 @@ struct LaneRow {
   }
 };
 
+// B and C tiles of one chunk: 16 state rows x kChunk tokens read as 16-byte vectors by a block of >= 96
+// threads (held in registers, raw, so the loads of the next chunk are in flight while the current one is
+// walked), then written as a [token][state] tile. Without aligned rows (!vec_io) the scalar path loads and
+// stores in one go at store() time.
+template <typename T>
+struct LaneBC {
+  static constexpr int kV = 16 / (int)sizeof(T);   // tokens per vector
+  static constexpr int kVPR = kChunk / kV;         // vectors per state row
+  static constexpr int kVecs = kLaneN * kVPR;      // vectors per tile
+  static constexpr int kPer = (kVecs + 95) / 96;   // vectors per thread (blockDim >= 96)
+  struct alignas(16) Raw { T e[kV]; };
+  Raw r[kPer];
+  __device__ __forceinline__ void load(const Params& p, const void* src, int b, int t0) {
+    if (!p.vec_io) return;
+    const T* base = static_cast<const T*>(src) + (size_t)b * p.dstate * p.seqlen;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int vi = threadIdx.x + k * blockDim.x;
+      const int n = vi / kVPR, tt = t0 + (vi % kVPR) * kV;
+      if (vi < kVecs && n < p.dstate && tt < p.seqlen) {
+        r[k] = *reinterpret_cast<const Raw*>(base + (size_t)n * p.seqlen + mem_vec<kV>(p, tt));
+      } else {
+#pragma unroll
+        for (int i = 0; i < kV; ++i) r[k].e[i] = Cvt<T>::to(0.f);
+      }
+    }
+  }
+  __device__ __forceinline__ void store(const Params& p, const void* src, int b, int t0, float* tile) const {
+    if (p.vec_io) {
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int vi = threadIdx.x + k * blockDim.x;
+        if (vi >= kVecs) continue;
+        const int n = vi / kVPR, t = (vi % kVPR) * kV;
+#pragma unroll
+        for (int i = 0; i < kV; ++i) tile[(t + (p.reverse ? kV - 1 - i : i)) * kLaneBS + n] = Cvt<T>::f(r[k].e[i]);
+      }
+    } else {
+      const T* base = static_cast<const T*>(src) + (size_t)b * p.dstate * p.seqlen;
+      for (int e = threadIdx.x; e < kLaneN * kChunk; e += blockDim.x) {
+        const int n = e / kChunk, t = e % kChunk, tt = t0 + t;
+        tile[t * kLaneBS + n] = (n < p.dstate && tt < p.seqlen) ? Cvt<T>::ld(base + (size_t)n * p.seqlen + mem_pos(p, tt)) : 0.f;
+      }
+    }
+  }
+};
+
 // Writes logical tokens [t, t + kSub) of a row from v (valid tokens only).
 template <typename T>
 __device__ __forceinline__ void lane_store(const Params& p, T* row, int t, const float (&v)[LaneRow<T>::kSub]) {
   using R = LaneRow<T>;
   if (p.vec_io) {
 #pragma unroll
-    for (int gi = 0; gi < 2; ++gi) {
+    for (int gi = 0; gi < R::kNG; ++gi) {
       const int tt = t + gi * R::kG;
       if (tt >= p.seqlen) continue;
       typename R::Gran o;
@@ -114,9 +165,9 @@ struct LaneWho {
   int d, b, grp, ch_begin, ch_end;
   bool active, warp_active;
   __device__ __forceinline__ explicit LaneWho(const Params& p) {
-    d = blockIdx.x * kThreads + threadIdx.x;
+    d = blockIdx.x * blockDim.x + threadIdx.x;
     active = d < p.dim;
-    warp_active = (int)(blockIdx.x * kThreads + (threadIdx.x & ~31)) < p.dim;
+    warp_active = (int)(blockIdx.x * blockDim.x + (threadIdx.x & ~31)) < p.dim;
     b = blockIdx.z;
     grp = blockIdx.y;
     ch_begin = grp * p.chunks_per_group;
@@ -170,17 +221,17 @@ __global__ void __launch_bounds__(kThreads, kOut ? 3 : 4) fwd_lane_kernel(Params
   const T* zr = has_z ? static_cast<const T*>(p.z) + z_row(p, w.b, row) : nullptr;
   T* out_row = kOut ? static_cast<T*>(p.out) + row : nullptr;
 
-  BCRegs<T, 16> rB, rC;
+  LaneBC<T> rB, rC;
   auto stage_load = [&](int ch) {
     rB.load(p, p.Bm, w.b, ch * kChunk);
     if (kOut) rC.load(p, p.Cm, w.b, ch * kChunk);
   };
-  auto stage_store = [&](int buf) {
-    rB.store(p, s_B + buf * kLaneTile);
-    if (kOut) rC.store(p, s_C + buf * kLaneTile);
+  auto stage_store = [&](int ch, int buf) {
+    rB.store(p, p.Bm, w.b, ch * kChunk, s_B + buf * kLaneTile);
+    if (kOut) rC.store(p, p.Cm, w.b, ch * kChunk, s_C + buf * kLaneTile);
   };
   stage_load(w.ch_begin);
-  stage_store(0);
+  stage_store(w.ch_begin, 0);
   __syncthreads();
 
   R cd, cu, cz;
@@ -249,7 +300,7 @@ __global__ void __launch_bounds__(kThreads, kOut ? 3 : 4) fwd_lane_kernel(Params
         if (has_z) cz = nz;
       }
     }
-    if (more_chunks) stage_store(buf ^ 1);
+    if (more_chunks) stage_store(ch + 1, buf ^ 1);
     __syncthreads();
   }
   if (!kOut) {
@@ -261,8 +312,7 @@ __global__ void __launch_bounds__(kThreads, kOut ? 3 : 4) fwd_lane_kernel(Params
 // Reverse walk of the adjoint over one group from a zero message: group_local = message leaving the group's
 // first token. m_t = a_t (dy_t C_t + m_{t+1}), dy = dout · silu(z) (or dout).
 template <typename T>
-// 16-bit inputs need more registers to unpack 16-token sub-chunks: 3 blocks per SM (4 spills ~250 bytes).
-__global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 4 : 3) bwd_lane_local_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {
   using R = LaneRow<T>;
   constexpr int kSubs = kChunk / R::kSub;
   extern __shared__ float4 smem4[];
@@ -279,9 +329,9 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 4 : 3) bwd_lane_loc
   const T* dout_row = static_cast<const T*>(p.dout) + row;
   const T* zr = has_z ? static_cast<const T*>(p.z) + z_row(p, w.b, row) : nullptr;
 
-  BCRegs<T, 16> rC;
+  LaneBC<T> rC;
   rC.load(p, p.Cm, w.b, (w.ch_end - 1) * kChunk);
-  rC.store(p, s_C);
+  rC.store(p, p.Cm, w.b, (w.ch_end - 1) * kChunk, s_C);
   __syncthreads();
 
   R cd, cg, cz;
@@ -325,32 +375,41 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 4 : 3) bwd_lane_loc
         if (has_z) cz = nz;
       }
     }
-    if (more_chunks) rC.store(p, s_C + (buf ^ 1) * kLaneTile);
+    if (more_chunks) rC.store(p, p.Cm, w.b, (ch - 1) * kChunk, s_C + (buf ^ 1) * kLaneTile);
     __syncthreads();
   }
   lane_store_group(p, w, p.group_local, m);
 }
 
-inline dim3 lane_grid(const Params& p) {
-  return dim3((unsigned)((p.dim + kThreads - 1) / kThreads), (unsigned)p.ngroups, (unsigned)p.batch);
+// 96 threads when the channel count splits into warps by 3 but not by 4 (no idle warps), else 128.
+inline int lane_threads(const Params& p) {
+  if (p.lane_threads == 96 || p.lane_threads == 128) return p.lane_threads;
+  const int warps = (p.dim + 31) / 32;
+  return (warps % 3 == 0 && warps % 4 != 0) ? 96 : kThreads;
+}
+
+inline dim3 lane_grid(const Params& p, int threads) {
+  return dim3((unsigned)((p.dim + threads - 1) / threads), (unsigned)p.ngroups, (unsigned)p.batch);
 }
 
 template <typename T>
 cudaError_t forward_lane(const Params& p, cudaStream_t stream) {
-  const dim3 grid = lane_grid(p);
+  const int nt = lane_threads(p);
+  const dim3 grid = lane_grid(p, nt);
   const size_t smem_local = 2 * kLaneTile * sizeof(float);
   const size_t smem_out = 4 * kLaneTile * sizeof(float);
   cudaError_t err;
-  fwd_lane_kernel<T, false><<<grid, kThreads, smem_local, stream>>>(p);
+  fwd_lane_kernel<T, false><<<grid, nt, smem_local, stream>>>(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if ((err = launch_carry(p, /*reverse=*/false, p.group_local, p.group_carry, stream)) != cudaSuccess) return err;
-  fwd_lane_kernel<T, true><<<grid, kThreads, smem_out, stream>>>(p);
+  fwd_lane_kernel<T, true><<<grid, nt, smem_out, stream>>>(p);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_bwd_lane_local(const Params& p, cudaStream_t stream) {
-  bwd_lane_local_kernel<T><<<lane_grid(p), kThreads, 2 * kLaneTile * sizeof(float), stream>>>(p);
+  const int nt = lane_threads(p);
+  bwd_lane_local_kernel<T><<<lane_grid(p, nt), nt, 2 * kLaneTile * sizeof(float), stream>>>(p);
   return cudaGetLastError();
 }
 
