@@ -114,20 +114,16 @@ def main():
             r["impl"] = "kernel" if lane else "kernel-split"
             res["scan"].append(r)
     ext.set_lane_kernels(True)
-    for nt in [int(c) for c in args.lane_threads.split(",") if c]:  # lane-kernel block size (96 / 128)
-        ext.set_lane_threads(nt)
-        for dt in (torch.float32, torch.float16):
-            r = bench_scan(dt)
-            r["impl"] = f"kernel-threads{nt}"
-            res["scan"].append(r)
-    ext.set_lane_threads(0)
-    for cpg in [int(c) for c in args.cpg.split(",") if c]:  # group size sweep (chunks walked by one block)
-        ext.set_chunks_per_group(cpg)
-        for dt in (torch.float32, torch.float16):
-            r = bench_scan(dt)
-            r["impl"] = f"kernel-cpg{cpg}"
-            res["scan"].append(r)
-    ext.set_chunks_per_group(0)
+    # Optional sweeps, fp32 and fp16 each: lane-kernel block size (96 / 128), group size (chunks per block).
+    for setter, values, label in ((ext.set_lane_threads, args.lane_threads, "threads"),
+                                  (ext.set_chunks_per_group, args.cpg, "cpg")):
+        for v in [int(c) for c in values.split(",") if c]:
+            setter(v)
+            for dt in (torch.float32, torch.float16):
+                r = bench_scan(dt)
+                r["impl"] = f"kernel-{label}{v}"
+                res["scan"].append(r)
+        setter(0)
     for dt in (torch.float32, torch.float16):  # the reverse direction, walked backwards by indexing
         r = bench_scan(dt, reverse=True)
         r["impl"] = "kernel-reverse"

@@ -75,6 +75,17 @@ struct LaneRow {
   }
 };
 
+// The three per-channel rows a walk reads together (Δ, u, z forward; Δ, dout, z backward); z may be absent.
+template <typename T>
+struct LaneRows3 {
+  LaneRow<T> a, b, c;
+  __device__ __forceinline__ void load(const Params& p, const T* ra, const T* rb, const T* rc, int t, bool active) {
+    a.load(p, ra, t, active);
+    b.load(p, rb, t, active);
+    if (rc != nullptr) c.load(p, rc, t, active);
+  }
+};
+
 // B and C tiles of one chunk: 16 state rows x kChunk tokens read as 16-byte vectors by a block of >= 96
 // threads (held in registers, raw, so the loads of the next chunk are in flight while the current one is
 // walked), then written as a [token][state] tile. Without aligned rows (!vec_io) the scalar path loads and
@@ -234,13 +245,9 @@ __global__ void __launch_bounds__(kThreads, kOut ? 3 : 4) fwd_lane_kernel(Params
   stage_store(w.ch_begin, 0);
   __syncthreads();
 
-  R cd, cu, cz;
-  auto row_load = [&](R& dl, R& uu, R& zz, int t) {
-    dl.load(p, delta_row, t, w.active);
-    uu.load(p, u_row, t, w.active);
-    if (has_z) zz.load(p, zr, t, w.active);
-  };
-  row_load(cd, cu, cz, w.ch_begin * kChunk);
+  LaneRows3<T> cur;  // Δ, u, z of the sub-chunk being walked
+  cur.load(p, delta_row, u_row, zr, w.ch_begin * kChunk, w.active);
+  const R &cd = cur.a, &cu = cur.b, &cz = cur.c;
   float dsum = 0.f;
   for (int ch = w.ch_begin; ch < w.ch_end; ++ch) {
     const int buf = (ch - w.ch_begin) & 1;
@@ -258,8 +265,8 @@ __global__ void __launch_bounds__(kThreads, kOut ? 3 : 4) fwd_lane_kernel(Params
 #pragma unroll 1
       for (int s = 0; s < kSubs; ++s) {
         const int t = ch * kChunk + s * R::kSub;
-        R nd, nu, nz;
-        if (s + 1 < kSubs || more_chunks) row_load(nd, nu, nz, t + R::kSub);
+        LaneRows3<T> nxt;
+        if (s + 1 < kSubs || more_chunks) nxt.load(p, delta_row, u_row, zr, t + R::kSub, w.active);
         float o[R::kSub];
 #pragma unroll
         for (int i = 0; i < R::kSub; ++i) {
@@ -295,9 +302,7 @@ __global__ void __launch_bounds__(kThreads, kOut ? 3 : 4) fwd_lane_kernel(Params
           }
         }
         if (kOut && w.active) lane_store<T>(p, out_row, t, o);
-        cd = nd;
-        cu = nu;
-        if (has_z) cz = nz;
+        cur = nxt;
       }
     }
     if (more_chunks) stage_store(ch + 1, buf ^ 1);
@@ -334,13 +339,9 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {
   rC.store(p, p.Cm, w.b, (w.ch_end - 1) * kChunk, s_C);
   __syncthreads();
 
-  R cd, cg, cz;
-  auto row_load = [&](R& dl, R& gg, R& zz, int t) {
-    dl.load(p, delta_row, t, w.active);
-    gg.load(p, dout_row, t, w.active);
-    if (has_z) zz.load(p, zr, t, w.active);
-  };
-  row_load(cd, cg, cz, (w.ch_end - 1) * kChunk + (kSubs - 1) * R::kSub);
+  LaneRows3<T> cur;  // Δ, dout, z of the sub-chunk being walked
+  cur.load(p, delta_row, dout_row, zr, (w.ch_end - 1) * kChunk + (kSubs - 1) * R::kSub, w.active);
+  const R &cd = cur.a, &cg = cur.b, &cz = cur.c;
   for (int ch = w.ch_end - 1; ch >= w.ch_begin; --ch) {
     const int buf = (w.ch_end - 1 - ch) & 1;
     const bool more_chunks = ch - 1 >= w.ch_begin;
@@ -350,8 +351,8 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {
 #pragma unroll 1
       for (int s = kSubs - 1; s >= 0; --s) {
         const int t = ch * kChunk + s * R::kSub;
-        R nd, ng, nz;
-        if (s > 0 || more_chunks) row_load(nd, ng, nz, t - R::kSub);
+        LaneRows3<T> nxt;
+        if (s > 0 || more_chunks) nxt.load(p, delta_row, dout_row, zr, t - R::kSub, w.active);
 #pragma unroll
         for (int i = R::kSub - 1; i >= 0; --i) {
           const int r = s * R::kSub + i;
@@ -370,9 +371,7 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {
 #pragma unroll
           for (int n = 0; n < kLaneN; ++n) m[n] = fast_exp2(dl * A2[n]) * (dy * cv[n] + m[n]);
         }
-        cd = nd;
-        cg = ng;
-        if (has_z) cz = nz;
+        cur = nxt;
       }
     }
     if (more_chunks) rC.store(p, p.Cm, w.b, (ch - 1) * kChunk, s_C + (buf ^ 1) * kLaneTile);
