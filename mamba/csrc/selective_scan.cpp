@@ -129,14 +129,16 @@ Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   p.vec_io = seqlen % 8 == 0 && aligned16(p.u) && aligned16(p.delta) && aligned16(p.Bm) && aligned16(p.Cm) &&
              (p.z == nullptr || (aligned16(p.z) && p.z_batch_stride % 8 == 0));
   // Chunks per group (walked serially by one block): enough independent walks to fill the GPU several times
-  // over (warps of 32 channels for the lane kernels, blocks for the state-split ones), grid.y within limits.
-  // Forward and backward compute the same value for the same inputs on the same device.
+  // over (for d_state <= 16 warps of 32 channels, as the lane kernels walk; else blocks of the state-split
+  // kernels), grid.y within limits. The backward must use the forward's grouping (group_dsum is per group):
+  // the rule depends only on the shapes and the device, not on set_lane_kernels, so that switch may change
+  // between a forward and its backward; set_chunks_per_group may not.
   const int tiles = selective_scan::channel_tiles(p.dim, p.dstate);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const bool lane = p.lane_kernels && selective_scan::padded_dstate(p.dstate) == 16;
-  const long long walks = lane ? (long long)p.batch * ((p.dim + 31) / 32) * p.nchunks
-                               : (long long)p.batch * tiles * p.nchunks;
-  long long per_group = g_chunks_per_group > 0 ? g_chunks_per_group : walks / ((long long)sms * (lane ? 24 : 12));
+  const bool n16 = selective_scan::padded_dstate(p.dstate) == 16;
+  const long long walks = n16 ? (long long)p.batch * ((p.dim + 31) / 32) * p.nchunks
+                              : (long long)p.batch * tiles * p.nchunks;
+  long long per_group = g_chunks_per_group > 0 ? g_chunks_per_group : walks / ((long long)sms * (n16 ? 24 : 12));
   if (per_group < 1) per_group = 1;
   if (per_group > 16 && g_chunks_per_group <= 0) per_group = 16;
   while ((p.nchunks + per_group - 1) / per_group > 65535) ++per_group;
