@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : kBwdLocalMinBlocks) 
       m[3] = fast_exp2(dl * A2[3]) * (dy * cv.w + m[3]);
     }
   }
-  store_group_state<NP>(p, w, p.group_local, b, blockIdx.y, m);
+  store_state<NP>(p, w, p.group_local, p.ngroups, b, blockIdx.y, m);
 }
 
 template <int NP>
@@ -150,7 +150,7 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
   const int ch_end = min(ch_begin + p.chunks_per_group, p.nchunks);
   // Adjoint message entering the group from the right; chunks are walked last to first, carrying it.
   float m[kNPT];
-  load_group_state<NP>(p, w, p.group_carry, b, blockIdx.y, m);
+  load_state<NP>(p, w, p.group_carry, p.ngroups, b, blockIdx.y, m);
 
   for (int ch = ch_end - 1; ch >= ch_begin; --ch) {
     const int t0 = ch * kChunk;
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
 
     // Phase 1: walk forward from the chunk's incoming state, checkpointing the state before each segment.
     float h[kNPT];
-    load_chunk_state<NP>(p, w, p.chunk_carry, b, ch, h);
+    load_state<NP>(p, w, p.chunk_carry, p.nchunks, b, ch, h);
     for (int seg = 0; seg < kSegsPerChunk; ++seg) {
       if (seg > 0) {
 #pragma unroll
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
 #pragma unroll
         for (int k = 0; k < kNPT; ++k) h[k] = s_ckpt[((seg - 1) * kNPT + k) * kThreads + tid];
       } else {
-        load_chunk_state<NP>(p, w, p.chunk_carry, b, ch, h);
+        load_state<NP>(p, w, p.chunk_carry, p.nchunks, b, ch, h);
       }
       float a[kSeg][kNPT], hp[kSeg][kNPT];
 #pragma unroll

@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : kFwdLocalMinBlocks) 
       dsum += dl;
     }
   }
-  store_group_state<NP>(p, w, p.group_local, b, blockIdx.y, h);
+  store_state<NP>(p, w, p.group_local, p.ngroups, b, blockIdx.y, h);
   if (w.active && w.q == 0) p.group_dsum[group_dsum_idx(p, b, blockIdx.y, w.d)] = dsum;
 }
 
@@ -86,10 +86,10 @@ __global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : (NP == 64 ? 4 : kFwd
   };
   if (kPrefetch && ch_begin < ch_end) prefetch(ch_begin);
   float h[kNPT];
-  load_group_state<NP>(p, w, p.group_carry, b, blockIdx.y, h);
+  load_state<NP>(p, w, p.group_carry, p.ngroups, b, blockIdx.y, h);
   for (int ch = ch_begin; ch < ch_end; ++ch) {
     const int t0 = ch * kChunk;
-    store_chunk_state<NP>(p, w, p.chunk_carry, b, ch, h);
+    store_state<NP>(p, w, p.chunk_carry, p.nchunks, b, ch, h);
     __syncthreads();
     if (!kPrefetch) prefetch(ch);
     r_delta.commit(p, t0, s_delta, [&](float v, bool valid, int d) { return valid ? delta_in(p, v, d) : 0.f; });

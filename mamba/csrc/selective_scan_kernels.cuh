@@ -10,7 +10,8 @@
 // Two thread layouts:
 //   lane layout (d_state <= 16, selective_scan_lane.cuh): one thread per channel holding all 16 states, so the
 //     per-token work (Δ, softplus, Δu, gating) is shared by 16 states and the output needs no shuffles;
-//     per-channel rows are read by each thread in 32-byte vectors, B and C staged per chunk in shared memory.
+//     per-channel rows are read by each thread in 16-byte vectors, 8 tokens ahead; B and C staged per chunk
+//     in shared memory.
 //   state-split layout (this file, NP = 16/32/64): a channel's states are spread over NP/4 neighbouring lanes,
 //     kNPT = 4 states per thread; per-token inputs staged into [token][channel] shared-memory tiles.
 //   forward:  (1) walk each group from a zero state -> group end state and Σ Δ        [fwd_local / fwd_lane<local>]
@@ -342,28 +343,38 @@ __device__ __forceinline__ float4 state4(const float* tile, int t, int q) {
   return *reinterpret_cast<const float4*>(tile + t * Geo<NP>::BS + q * kNPT);
 }
 
-// Chunk array (batch, nchunks, dstate, dim) index.
+// Per-chunk (rows = nchunks) and per-group (rows = ngroups) state arrays, both (batch, rows, dstate, dim).
+__device__ __forceinline__ size_t state_idx(const Params& p, int rows, int b, int r, int n, int d) {
+  return (((size_t)b * rows + r) * p.dstate + n) * p.dim + d;
+}
 __device__ __forceinline__ size_t chunk_idx(const Params& p, int b, int ch, int n, int d) {
-  return (((size_t)b * p.nchunks + ch) * p.dstate + n) * p.dim + d;
+  return state_idx(p, p.nchunks, b, ch, n, d);
+}
+__device__ __forceinline__ size_t group_idx(const Params& p, int b, int g, int n, int d) {
+  return state_idx(p, p.ngroups, b, g, n, d);
+}
+__device__ __forceinline__ size_t group_dsum_idx(const Params& p, int b, int g, int d) {
+  return ((size_t)b * p.ngroups + g) * p.dim + d;
 }
 
+// This thread's kNPT states of row r of a state array with `rows` rows (p.nchunks or p.ngroups).
 template <int NP>
-__device__ __forceinline__ void load_chunk_state(const Params& p, const Who<NP>& w, const float* arr, int b,
-                                                 int ch, float (&h)[kNPT]) {
+__device__ __forceinline__ void load_state(const Params& p, const Who<NP>& w, const float* arr, int rows, int b,
+                                           int r, float (&h)[kNPT]) {
 #pragma unroll
   for (int k = 0; k < kNPT; ++k) {
     const int n = w.q * kNPT + k;
-    h[k] = (w.active && n < p.dstate) ? arr[chunk_idx(p, b, ch, n, w.d)] : 0.f;
+    h[k] = (w.active && n < p.dstate) ? arr[state_idx(p, rows, b, r, n, w.d)] : 0.f;
   }
 }
 
 template <int NP>
-__device__ __forceinline__ void store_chunk_state(const Params& p, const Who<NP>& w, float* arr, int b, int ch,
-                                                  const float (&h)[kNPT]) {
+__device__ __forceinline__ void store_state(const Params& p, const Who<NP>& w, float* arr, int rows, int b, int r,
+                                            const float (&h)[kNPT]) {
 #pragma unroll
   for (int k = 0; k < kNPT; ++k) {
     const int n = w.q * kNPT + k;
-    if (w.active && n < p.dstate) arr[chunk_idx(p, b, ch, n, w.d)] = h[k];
+    if (w.active && n < p.dstate) arr[state_idx(p, rows, b, r, n, w.d)] = h[k];
   }
 }
 
@@ -373,34 +384,6 @@ __device__ __forceinline__ float sum_states(float v) {
 #pragma unroll
   for (int off = 1; off < Geo<NP>::LPC; off <<= 1) v += __shfl_xor_sync(kFullMask, v, off);
   return v;
-}
-
-// Group array (batch, ngroups, dstate, dim) index.
-__device__ __forceinline__ size_t group_idx(const Params& p, int b, int g, int n, int d) {
-  return (((size_t)b * p.ngroups + g) * p.dstate + n) * p.dim + d;
-}
-__device__ __forceinline__ size_t group_dsum_idx(const Params& p, int b, int g, int d) {
-  return ((size_t)b * p.ngroups + g) * p.dim + d;
-}
-
-template <int NP>
-__device__ __forceinline__ void load_group_state(const Params& p, const Who<NP>& w, const float* arr, int b,
-                                                 int g, float (&h)[kNPT]) {
-#pragma unroll
-  for (int k = 0; k < kNPT; ++k) {
-    const int n = w.q * kNPT + k;
-    h[k] = (w.active && n < p.dstate) ? arr[group_idx(p, b, g, n, w.d)] : 0.f;
-  }
-}
-
-template <int NP>
-__device__ __forceinline__ void store_group_state(const Params& p, const Who<NP>& w, float* arr, int b, int g,
-                                                  const float (&h)[kNPT]) {
-#pragma unroll
-  for (int k = 0; k < kNPT; ++k) {
-    const int n = w.q * kNPT + k;
-    if (w.active && n < p.dstate) arr[group_idx(p, b, g, n, w.d)] = h[k];
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------------

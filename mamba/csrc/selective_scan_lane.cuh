@@ -15,7 +15,7 @@
 //   - B and C (shared by all channels) are staged per chunk into [token][state] shared-memory tiles, double
 //     buffered: the next chunk's values are loaded into registers while the current chunk is walked.
 //   - reverse: logical token t is memory position seqlen-1-t. Vector granules are loaded from the mirrored
-//     position and read back to front (at()/get()); the scalar path stores into the same mirrored slots.
+//     position and read back to front (get()); the scalar path stores into the same mirrored slots.
 #pragma once
 
 #include "selective_scan_kernels.cuh"
@@ -38,12 +38,6 @@ struct LaneRow {
   struct alignas(16) Gran { T e[kG]; };
   Gran g[kNG];
 
-  __device__ __forceinline__ void zero() {
-#pragma unroll
-    for (int gi = 0; gi < kNG; ++gi)
-#pragma unroll
-      for (int j = 0; j < kG; ++j) g[gi].e[j] = Cvt<T>::to(0.f);
-  }
   // Logical tokens [t, t + kSub) of `row` (a (seqlen) row); zeros past the end or when !active.
   __device__ __forceinline__ void load(const Params& p, const T* row, int t, bool active) {
     if (p.vec_io) {  // seqlen % 8 == 0: a granule is wholly inside or wholly outside the row
@@ -51,7 +45,7 @@ struct LaneRow {
       for (int gi = 0; gi < kNG; ++gi) {
         const int tt = t + gi * kG;
         if (active && tt < p.seqlen) {
-          g[gi] = *reinterpret_cast<const Gran*>(row + (p.reverse ? p.seqlen - tt - kG : tt));
+          g[gi] = *reinterpret_cast<const Gran*>(row + mem_vec<kG>(p, tt));
         } else {
 #pragma unroll
           for (int j = 0; j < kG; ++j) g[gi].e[j] = Cvt<T>::to(0.f);
@@ -148,7 +142,7 @@ __device__ __forceinline__ void lane_store(const Params& p, T* row, int t, const
         const float x = v[gi * R::kG + j];
         if (p.reverse) o.e[R::kG - 1 - j] = Cvt<T>::to(x); else o.e[j] = Cvt<T>::to(x);
       }
-      *reinterpret_cast<typename R::Gran*>(row + (p.reverse ? p.seqlen - tt - R::kG : tt)) = o;
+      *reinterpret_cast<typename R::Gran*>(row + mem_vec<R::kG>(p, tt)) = o;
     }
   } else {
 #pragma unroll
@@ -254,10 +248,9 @@ __global__ void __launch_bounds__(kThreads, kOut ? 3 : 4) fwd_lane_kernel(Params
     const bool more_chunks = ch + 1 < w.ch_end;
     if (more_chunks) stage_load(ch + 1);
     if (kOut && w.active) {
-      float* cc = p.chunk_carry + (((size_t)w.b * p.nchunks + ch) * p.dstate) * p.dim + w.d;
 #pragma unroll
       for (int n = 0; n < kLaneN; ++n)
-        if (n < p.dstate) cc[(size_t)n * p.dim] = h[n];
+        if (n < p.dstate) p.chunk_carry[chunk_idx(p, w.b, ch, n, w.d)] = h[n];
     }
     if (w.warp_active) {
       const float* tB = s_B + buf * kLaneTile;
