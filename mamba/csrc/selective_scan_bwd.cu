@@ -309,10 +309,13 @@ cudaError_t backward_impl(const Params& p, cudaStream_t stream) {
   const dim3 grid = main_grid(p, G::CPB);
   const size_t smem_local = (2 * G::kTile + G::kBC) * sizeof(float);
   const size_t smem_main = bwd_main_smem_floats<NP>() * sizeof(float);
+  const bool lane = NP == 16 && p.lane_kernels;  // the first walk in the lane layout
   cudaError_t err = cudaSuccess;
-  for (const void* f : {(const void*)bwd_local_kernel<T, NP, true>, (const void*)bwd_local_kernel<T, NP, false>}) {
-    if ((err = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_local)) != cudaSuccess)
-      return err;
+  if (!lane) {
+    for (const void* f : {(const void*)bwd_local_kernel<T, NP, true>, (const void*)bwd_local_kernel<T, NP, false>}) {
+      if ((err = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_local)) != cudaSuccess)
+        return err;
+    }
   }
   err = cudaFuncSetAttribute(bwd_main_kernel<T, NP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_main);
   if (err != cudaSuccess) return err;
@@ -320,7 +323,7 @@ cudaError_t backward_impl(const Params& p, cudaStream_t stream) {
   err = cudaFuncSetAttribute(bwd_main_kernel<T, NP>, cudaFuncAttributePreferredSharedMemoryCarveout,
                              (int)cudaSharedmemCarveoutMaxShared);
   if (err != cudaSuccess) return err;
-  if (NP == 16 && p.lane_kernels) {
+  if (lane) {
     if ((err = launch_bwd_lane_local<T>(p, stream)) != cudaSuccess) return err;
   } else if (p.prefetch) {
     bwd_local_kernel<T, NP, true><<<grid, kThreads, smem_local, stream>>>(p);

@@ -125,6 +125,7 @@ cudaError_t forward_impl(const Params& p, cudaStream_t stream) {
   const dim3 grid = main_grid(p, G::CPB);
   const size_t smem_local = (2 * G::kTile + G::kBC) * sizeof(float);
   const size_t smem_out = (3 * G::kTile + 2 * G::kBC) * sizeof(float);
+  if (NP == 16 && p.lane_kernels) return forward_lane<T>(p, stream);
   cudaError_t err = cudaSuccess;
   for (const void* f : {(const void*)fwd_out_kernel<T, NP, true>, (const void*)fwd_out_kernel<T, NP, false>}) {
     if ((err = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_out)) != cudaSuccess)
@@ -134,7 +135,6 @@ cudaError_t forward_impl(const Params& p, cudaStream_t stream) {
     if ((err = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_local)) != cudaSuccess)
       return err;
   }
-  if (NP == 16 && p.lane_kernels) return forward_lane<T>(p, stream);
   if (p.prefetch) fwd_local_kernel<T, NP, true><<<grid, kThreads, smem_local, stream>>>(p);
   else fwd_local_kernel<T, NP, false><<<grid, kThreads, smem_local, stream>>>(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
