@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU session for the whole-model speed work: build (or reuse carried .so files), optional kernel tests
 # with the scan's prefetch switched off, then bench_model.py on the variants given in $MODELS.
-# Usage (repo root on the GPU machine): OUT=dir [TESTS=...] [TESTS_SPLIT=...] [BENCH_KERNELS=1 KERNEL_ARGS=--cpg=4,8] [SCAN_PROFILE=1] [PROFILE=--compile]
+# Usage (repo root on the GPU machine): OUT=dir [TESTS=...] [BENCH_KERNELS=1 KERNEL_ARGS=--cpg=4,8] [SCAN_PROFILE=1] [PROFILE=--compile]
 #   [MODELS=segmamba,segmamba+compile MODEL_ARGS=...] bash bench/gpu_perf_session.sh
 set -uo pipefail
 OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"
@@ -20,10 +20,6 @@ echo "setup $(( $(date +%s) - start )) s"
 if [ -n "${TESTS:-}" ]; then
   env ${TEST_ENV:-} timeout ${TEST_TIMEOUT:-150} python -m pytest -q -x -p no:cacheprovider $TESTS 2>&1 | tail -6 | tee "$OUT/tests.txt"
   echo "tests done at $(( $(date +%s) - start )) s"
-fi
-if [ -n "${TESTS_SPLIT:-}" ]; then  # the same tests on the state-split kernels for d_state <= 16
-  SEGMAMBA_SCAN_LANE=0 timeout ${TEST_TIMEOUT:-150} python -m pytest -q -x -p no:cacheprovider $TESTS_SPLIT 2>&1 | tail -4 | tee "$OUT/tests_split.txt"
-  echo "split-kernel tests done at $(( $(date +%s) - start )) s"
 fi
 if [ -n "${BENCH_KERNELS:-}" ]; then
   timeout 150 python bench/bench_kernels.py --no_pytorch --out "$OUT/bench_kernels.json" ${KERNEL_ARGS:-} 2>&1 | tail -22

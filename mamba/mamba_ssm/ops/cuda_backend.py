@@ -32,12 +32,13 @@ def available() -> bool:
             from mamba_ssm import _selective_scan_cuda
             _EXT = _selective_scan_cuda
             _AVAILABLE = True
-            prefetch = os.environ.get("SEGMAMBA_SCAN_PREFETCH")
-            if prefetch is not None and hasattr(_EXT, "set_prefetch"):
-                _EXT.set_prefetch(prefetch != "0")
-            lane = os.environ.get("SEGMAMBA_SCAN_LANE")  # 0: state-split kernels for d_state <= 16 too
-            if lane is not None and hasattr(_EXT, "set_lane_kernels"):
-                _EXT.set_lane_kernels(lane != "0")
+            # Comparison switches (speed only): cross-chunk prefetch in the state-split walks; 0 for
+            # SEGMAMBA_SCAN_LANE runs the state-split kernels for d_state <= 16 too.
+            for name, setter in (("SEGMAMBA_SCAN_PREFETCH", "set_prefetch"),
+                                 ("SEGMAMBA_SCAN_LANE", "set_lane_kernels")):
+                value = os.environ.get(name)
+                if value is not None and hasattr(_EXT, setter):
+                    getattr(_EXT, setter)(value != "0")
         except ImportError:
             _AVAILABLE = False
     return _AVAILABLE
