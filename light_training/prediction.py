@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
+from light_training.cuda_graphs import GraphedForward
+
 ModelFunction = Callable[[torch.Tensor], torch.Tensor]
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
 
@@ -39,6 +41,7 @@ class SlidingWindowConfig:
     mirror_axes: Tuple[int, ...] = field(default_factory=tuple)  # spatial axes 0=z, 1=y, 2=x to flip for TTA
     amp_dtype: str = "fp16"               # autocast dtype on CUDA: fp16, bf16 or none (CPU always fp32)
     progress: bool = False                # MONAI's per-window tqdm bar
+    cuda_graphs: bool = False             # CUDA: replay a captured forward per window shape (cuda_graphs.py)
 
     def __post_init__(self) -> None:
         self.roi_size = tuple(int(s) for s in self.roi_size)
@@ -75,12 +78,25 @@ class SlidingWindowPredictor:
         self.config = config
         self.device = torch.device(device)
         self.activation = activation
+        self._graphed: Optional[GraphedForward] = None
+
+    def _use_graphs(self) -> bool:
+        return self.config.cuda_graphs and self.device.type == "cuda"
 
     def _autocast(self):
         dtype = AMP_DTYPES[self.config.amp_dtype]
         if self.device.type == "cuda" and dtype is not None:
-            return torch.autocast("cuda", dtype=dtype)
+            # a CUDA graph must not capture autocast's weight-cast cache (it would outlive the capture)
+            return torch.autocast("cuda", dtype=dtype, cache_enabled=not self._use_graphs())
         return nullcontext()
+
+    def _runner(self, model: ModelFunction) -> ModelFunction:
+        """``model``, or with ``cuda_graphs`` its graph-replaying wrapper (kept while the model is the same)."""
+        if not self._use_graphs():
+            return model
+        if self._graphed is None or self._graphed.model is not model:
+            self._graphed = GraphedForward(model)
+        return self._graphed
 
     def predict_logits(self, model: ModelFunction, image: torch.Tensor) -> torch.Tensor:
         """Gaussian-blended sliding-window logits, ``(B, C, Z, Y, X)`` → ``(B, K, Z, Y, X)`` float32."""
@@ -88,7 +104,7 @@ class SlidingWindowPredictor:
         with torch.no_grad(), self._autocast():
             logits = sliding_window_inference(
                 image.to(self.device), roi_size=config.roi_size, sw_batch_size=config.sw_batch_size,
-                predictor=model, overlap=config.overlap, mode=config.blend_mode, sigma_scale=config.sigma_scale,
+                predictor=self._runner(model), overlap=config.overlap, mode=config.blend_mode, sigma_scale=config.sigma_scale,
                 padding_mode="constant", cval=0.0, sw_device=self.device, device=self.device,
                 progress=config.progress)
         return logits.float()
