@@ -11,7 +11,9 @@ with and without 8-way mirror TTA. Prints a table and writes JSON.
         [--amp fp16] [--sw_compile]
 
 A ``+compile`` suffix runs the model through light_training.compile (torch.compile, as the scripts' --compile
-does); ``+cl`` uses channels-last 3D tensors.
+does); ``+cl`` uses channels-last 3D tensors; ``+graph`` times only inference, replayed from a CUDA graph
+(light_training.cuda_graphs, as 4_predict.py --cuda_graphs does). ``--sw_graphs`` also times the sliding
+window with CUDA graphs (and with --sw_compile, compiled and graphed).
 """
 import argparse
 import json
@@ -67,7 +69,8 @@ def bench_one(name, amp, repeat):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
     x = torch.randn(2, 4, 128, 128, 128, device="cuda")
     model, x, compiled = apply_variant(model, x, variant)
-    if compiled:  # compile (train graph) once before timing, and report how long it took
+    graphed = "graph" in variant  # inference only
+    if compiled and not graphed:  # compile (train graph) once before timing, and report how long it took
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=dtype):
             F.cross_entropy(model(x), torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.long, device="cuda")).backward()
@@ -88,18 +91,27 @@ def bench_one(name, amp, repeat):
         scaler.update()
 
     slow = force_pytorch
-    model.train()
-    t_train, m_train = cuda_timed(step, 1 if slow else 3, 3 if slow else repeat)
+    t_train = m_train = None
+    if not graphed:
+        model.train()
+        t_train, m_train = cuda_timed(step, 1 if slow else 3, 3 if slow else repeat)
     del opt, scaler
     x1 = x[:1].contiguous(memory_format=torch.channels_last_3d if "cl" in variant else torch.contiguous_format)
     model.eval()
 
+    run = model
+    if graphed:
+        from light_training.cuda_graphs import GraphedForward
+        run = GraphedForward(model, say=print)
+
     def infer():
-        with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
-            model(x1)
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, cache_enabled=not graphed):
+            run(x1)
 
     torch.cuda.empty_cache()
     t_inf, m_inf = cuda_timed(infer, 1 if slow else 3, 3 if slow else repeat)
+    if graphed and not run.replays:
+        print(f"{name}: no CUDA graph was replayed (capture failed?)", flush=True)
     res = {"model": name, "train_ms": t_train, "train_peak_GiB": m_train, "infer_ms": t_inf, "infer_peak_GiB": m_inf,
            "params": sum(p.numel() for p in model.parameters())}
     del model
@@ -107,7 +119,7 @@ def bench_one(name, amp, repeat):
     return res
 
 
-def bench_sliding_window(amp, compiled=False):
+def bench_sliding_window(amp, compiled=False, graphs=False):
     from light_training.prediction import SlidingWindowConfig, SlidingWindowPredictor
     from model_segmamba import SegMamba
     os.environ["SEGMAMBA_FORCE_PYTORCH"] = "0"
@@ -117,10 +129,13 @@ def bench_sliding_window(amp, compiled=False):
         from light_training.compile import compile_network
         compile_network(model, "on", torch.device("cuda"), say=print)
         suffix = "+compile"
+    if graphs:
+        suffix += "+graphs"
     vol = torch.randn(4, 140, 170, 140)
     out = {}
     for i, (tta, axes) in enumerate((("none", ()), ("mirror8", (0, 1, 2)))):
-        pred = SlidingWindowPredictor(SlidingWindowConfig(mirror_axes=axes, amp_dtype=amp), device="cuda")
+        pred = SlidingWindowPredictor(SlidingWindowConfig(mirror_axes=axes, amp_dtype=amp, cuda_graphs=graphs),
+                                      device="cuda")
         if i == 0:
             pred.predict_probabilities(model, vol)  # warm-up (and compilation)
         torch.cuda.synchronize()
@@ -139,18 +154,24 @@ def main():
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--no_sliding_window", action="store_true")
     ap.add_argument("--sw_compile", action="store_true", help="also time the sliding window with --compile on")
+    ap.add_argument("--sw_graphs", action="store_true", help="also time the sliding window with CUDA graphs")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "amp": args.amp, "models": []}
     for name in args.models.split(","):
         r = bench_one(name, args.amp, args.repeat)
         res["models"].append(r)
-        print(f"{r['model']:<18} train {r['train_ms']:8.1f} ms {r['train_peak_GiB']:6.2f} GiB   "
-              f"infer {r['infer_ms']:7.1f} ms {r['infer_peak_GiB']:5.2f} GiB", flush=True)
+        train = "train        -            -" if r["train_ms"] is None else \
+            f"train {r['train_ms']:8.1f} ms {r['train_peak_GiB']:6.2f} GiB"
+        print(f"{r['model']:<22} {train}   infer {r['infer_ms']:7.1f} ms {r['infer_peak_GiB']:5.2f} GiB", flush=True)
     if not args.no_sliding_window:
         res["sliding_window_4x140x170x140_ms"] = bench_sliding_window(args.amp)
         if args.sw_compile:
             res["sliding_window_4x140x170x140_ms"].update(bench_sliding_window(args.amp, compiled=True))
+        if args.sw_graphs:
+            res["sliding_window_4x140x170x140_ms"].update(bench_sliding_window(args.amp, graphs=True))
+            if args.sw_compile:
+                res["sliding_window_4x140x170x140_ms"].update(bench_sliding_window(args.amp, True, True))
         print("sliding window 4x140x170x140:", {k: round(v, 1) for k, v in res["sliding_window_4x140x170x140_ms"].items()})
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
