@@ -119,30 +119,29 @@ def bench_one(name, amp, repeat):
     return res
 
 
-def bench_sliding_window(amp, compiled=False, graphs=False):
+def bench_sliding_window(amp, compiled=False, graph_options=(False,)):
+    """Whole-volume sliding window (one model, compiled or not) with each CUDA-graphs setting given; every
+    predictor is warmed up once (compilation, graph capture) before its timed run."""
     from light_training.prediction import SlidingWindowConfig, SlidingWindowPredictor
     from model_segmamba import SegMamba
     os.environ["SEGMAMBA_FORCE_PYTORCH"] = "0"
     model = SegMamba(4, 4).cuda().eval()
-    suffix = ""
     if compiled:
         from light_training.compile import compile_network
         compile_network(model, "on", torch.device("cuda"), say=print)
-        suffix = "+compile"
-    if graphs:
-        suffix += "+graphs"
     vol = torch.randn(4, 140, 170, 140)
     out = {}
-    for i, (tta, axes) in enumerate((("none", ()), ("mirror8", (0, 1, 2)))):
-        pred = SlidingWindowPredictor(SlidingWindowConfig(mirror_axes=axes, amp_dtype=amp, cuda_graphs=graphs),
-                                      device="cuda")
-        if i == 0:
-            pred.predict_probabilities(model, vol)  # warm-up (and compilation)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        pred.predict_probabilities(model, vol)
-        torch.cuda.synchronize()
-        out[tta + suffix] = (time.perf_counter() - t0) * 1000
+    for graphs in graph_options:
+        suffix = ("+compile" if compiled else "") + ("+graphs" if graphs else "")
+        for tta, axes in (("none", ()), ("mirror8", (0, 1, 2))):
+            pred = SlidingWindowPredictor(SlidingWindowConfig(mirror_axes=axes, amp_dtype=amp, cuda_graphs=graphs),
+                                          device="cuda")
+            pred.predict_probabilities(model, vol)  # warm-up (compilation, graph capture)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            pred.predict_probabilities(model, vol)
+            torch.cuda.synchronize()
+            out[tta + suffix] = (time.perf_counter() - t0) * 1000
     return out
 
 
@@ -158,20 +157,17 @@ def main():
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "amp": args.amp, "models": []}
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):  # --models "" times only the sliding window
         r = bench_one(name, args.amp, args.repeat)
         res["models"].append(r)
         train = "train        -            -" if r["train_ms"] is None else \
             f"train {r['train_ms']:8.1f} ms {r['train_peak_GiB']:6.2f} GiB"
         print(f"{r['model']:<22} {train}   infer {r['infer_ms']:7.1f} ms {r['infer_peak_GiB']:5.2f} GiB", flush=True)
     if not args.no_sliding_window:
-        res["sliding_window_4x140x170x140_ms"] = bench_sliding_window(args.amp)
+        graph_options = (False, True) if args.sw_graphs else (False,)
+        res["sliding_window_4x140x170x140_ms"] = bench_sliding_window(args.amp, False, graph_options)
         if args.sw_compile:
-            res["sliding_window_4x140x170x140_ms"].update(bench_sliding_window(args.amp, compiled=True))
-        if args.sw_graphs:
-            res["sliding_window_4x140x170x140_ms"].update(bench_sliding_window(args.amp, graphs=True))
-            if args.sw_compile:
-                res["sliding_window_4x140x170x140_ms"].update(bench_sliding_window(args.amp, True, True))
+            res["sliding_window_4x140x170x140_ms"].update(bench_sliding_window(args.amp, True, graph_options))
         print("sliding window 4x140x170x140:", {k: round(v, 1) for k, v in res["sliding_window_4x140x170x140_ms"].items()})
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
