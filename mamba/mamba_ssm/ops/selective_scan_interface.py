@@ -6,7 +6,6 @@ import logging
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from causal_conv1d import causal_conv1d_fn
 from mamba_ssm.ops import cuda_backend
@@ -143,9 +142,11 @@ def mamba_inner_fn_no_out_proj(xz: torch.Tensor, conv1d_weight: torch.Tensor,
     x, z = xz[:, :d_inner], xz[:, d_inner:]
     weight = conv1d_weight.reshape(conv1d_weight.shape[0], conv1d_weight.shape[-1])
     u = causal_conv1d_fn(x, weight, conv1d_bias, activation="silu", reverse=reverse)
-    x_dbl = F.linear(u.transpose(1, 2), x_proj_weight)  # (batch, L, dt_rank + 2N)
-    delta = F.linear(x_dbl[..., :dt_rank], delta_proj_weight).transpose(1, 2)  # (batch, d_inner, L)
-    B = x_dbl[..., dt_rank:dt_rank + n].transpose(1, 2).unsqueeze(1)  # (batch, 1, N, L)
-    C = x_dbl[..., dt_rank + n:].transpose(1, 2).unsqueeze(1)
+    # The projections act per token; multiplying from the left keeps the channel-first layout, so u is used
+    # (and saved for backward) as it is and delta comes out contiguous: no transposed copies of u or delta.
+    x_dbl = torch.matmul(x_proj_weight, u)  # (batch, dt_rank + 2N, L)
+    delta = torch.matmul(delta_proj_weight, x_dbl[:, :dt_rank])  # (batch, d_inner, L)
+    B = x_dbl[:, dt_rank:dt_rank + n].unsqueeze(1)  # (batch, 1, N, L), rows contiguous
+    C = x_dbl[:, dt_rank + n:].unsqueeze(1)
     return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                              reverse=reverse)
