@@ -39,6 +39,7 @@ LEARNING_RATE = 1e-2
 LOSS = "ce"                                   # ce (as the reference) or dice_ce
 AMP = "fp16"                                  # CUDA autocast dtype: fp16, bf16 or none (CPU: always fp32)
 COMPILE = "auto"                              # torch.compile: auto (on CUDA; ~1.4x faster steps), on, off
+ACTIVATION_CHECKPOINTING = False              # recompute the full-resolution blocks in backward: less memory, slower
 NUM_WORKERS = 8                               # patch-loading processes per GPU
 SEED = 42
 OVERSAMPLE_FOREGROUND = 0.33                  # fraction of each batch centred on a tumour voxel
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--amp", choices=["fp16", "bf16", "none"], default=AMP, help=f"mixed precision on CUDA (default: {AMP})")
     add("--compile", choices=["auto", "on", "off"], default=COMPILE,
         help=f"torch.compile the network; auto = on CUDA only, first step 1-2 min slower (default: {COMPILE})")
+    add("--activation_checkpointing", action=argparse.BooleanOptionalAction, default=ACTIVATION_CHECKPOINTING,
+        help="recompute the three full-resolution blocks in the backward pass instead of keeping their "
+             "activations (about half of the activation memory at 128^3; extra forward work; same results) "
+             f"(default: {ACTIVATION_CHECKPOINTING})")
     add("--num_workers", type=int, default=NUM_WORKERS, help=f"patch-loading processes (default: {NUM_WORKERS})")
     add("--seed", type=int, default=SEED, help=f"(default: {SEED})")
     add("--oversample_foreground", type=float, default=OVERSAMPLE_FOREGROUND,
@@ -159,10 +164,12 @@ def train(args: argparse.Namespace, context) -> int:
                     "feat_size": list(args.feat_size), "hidden_size": args.hidden_size}
     torch.manual_seed(args.seed)  # the same --seed gives the same initial weights (and DDP ranks agree anyway)
     model = SegMamba(**model_config)
+    model.set_activation_checkpointing(args.activation_checkpointing)
     hardware = f"{context.world_size} GPU(s)" if context.device.type == "cuda" else "CPU"
     say(f"model: SegMamba({IN_CHANNELS} -> {NUM_CLASSES}), feat_size {args.feat_size}, depths {args.depths}, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters | patch {tuple(args.roi)} | "
-        f"batch {args.batch_size} per process | {hardware}")
+        f"batch {args.batch_size} per process | {hardware}"
+        + (" | activation checkpointing of the full-resolution blocks" if args.activation_checkpointing else ""))
 
     train_dataset = CaseDataset.from_folder(args.data_dir, splits["train"])
     transform = build_train_transforms(None if args.augmentation == "none" else args.augmentation)

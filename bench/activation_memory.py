@@ -1,7 +1,7 @@
 """Where a SegMamba training step's memory goes: the tensors autograd keeps for the backward pass, per module,
 counted on the meta device (no data, no GPU, a few seconds on a CPU).
 
-    python bench/activation_memory.py [--batch 2] [--size 128] [--depth 3] [--top 25]
+    python bench/activation_memory.py [--batch 2] [--size 128] [--depth 3] [--top 25] [--checkpointing]
 
 Every tensor saved for backward is counted once (by storage) and charged to the innermost module running
 when it was saved. Sizes are as the meta trace makes them, i.e. float32: under fp16 autocast the outputs of
@@ -48,7 +48,7 @@ class _ConvSaves(torch.autograd.Function):
         raise RuntimeError("meta trace only")
 
 
-def saved_tensors(batch, size):
+def saved_tensors(batch, size, checkpointing=False):
     """{storage: (bytes, module name, shape)} of one forward pass of SegMamba(4 -> 4) on the meta device."""
     import mamba_ssm.modules.mamba_simple as mamba_simple
     import mamba_ssm.ops.selective_scan_interface as interface
@@ -59,6 +59,7 @@ def saved_tensors(batch, size):
     from model_segmamba import SegMamba
 
     model = SegMamba(4, 4).to("meta")
+    model.set_activation_checkpointing(checkpointing)  # training mode: the full-res blocks keep only inputs
     stack = ["(input)"]
     for name, module in model.named_modules():
         module.register_forward_pre_hook(lambda m, args, name=name: stack.append(name) and None)
@@ -83,14 +84,15 @@ def main():
     ap.add_argument("--size", type=int, default=128, help="cubic patch edge (multiple of 16)")
     ap.add_argument("--depth", type=int, default=3, help="module-name components to group by")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--checkpointing", action="store_true", help="with SegMamba.set_activation_checkpointing")
     args = ap.parse_args()
-    saved = saved_tensors(args.batch, args.size)
+    saved = saved_tensors(args.batch, args.size, args.checkpointing)
     total = sum(v[0] for v in saved.values())
     groups = collections.Counter()
     for nbytes, where, _ in saved.values():
         groups[".".join(where.split(".")[:args.depth])] += nbytes
     print(f"SegMamba(4 -> 4), batch {args.batch} x 4 x {args.size}^3: {len(saved)} saved tensors, "
-          f"{total / 2**30:.2f} GiB as float32")
+          f"{total / 2**30:.2f} GiB as float32" + (", full-resolution blocks checkpointed" if args.checkpointing else ""))
     for where, nbytes in groups.most_common(args.top):
         print(f"{nbytes / 2**30:8.3f} GiB  {100 * nbytes / total:5.1f}%  {where}")
 

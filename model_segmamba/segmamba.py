@@ -18,10 +18,11 @@ logits             ``(B, out_chans, D, H, W)``
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from monai.networks.blocks.dynunet_block import UnetOutBlock
 from monai.networks.blocks.unetr_block import UnetrBasicBlock, UnetrUpBlock
 
@@ -211,11 +212,27 @@ class SegMamba(nn.Module):
         self.decoder2 = up(f[1], f[0])
         self.decoder1 = basic(f[0], f[0])
         self.out = UnetOutBlock(spatial_dims=3, in_channels=f[0], out_channels=out_chans)
+        self.checkpoint_full_res = False  # a run setting, not part of the architecture or the state dict
 
-    def decode(self, x_in: torch.Tensor, outs: Sequence[torch.Tensor]) -> torch.Tensor:
+    def set_activation_checkpointing(self, on: bool = True) -> None:
+        """Training memory for time: with ``on``, the three full-resolution blocks (``encoder1``, ``decoder2``,
+        ``decoder1`` with the output head) keep only their inputs during a training forward pass and are
+        recomputed in the backward pass. Outputs and gradients are unchanged; evaluation is unaffected. At
+        batch 2 × 128³ these blocks hold about half of what the backward pass keeps
+        (``bench/activation_memory.py``)."""
+        self.checkpoint_full_res = bool(on)
+
+    def _full_res(self, fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_full_res and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def decode(self, x_in: torch.Tensor, outs: Sequence[torch.Tensor],
+               head: Optional[nn.Module] = None) -> torch.Tensor:
         """UNETR-style decoder: skip features from the raw input and the four encoder outputs → the
-        full-resolution feature map ``(B, feat_size[0], D, H, W)`` before the output head."""
-        enc1 = self.encoder1(x_in)
+        full-resolution feature map ``(B, feat_size[0], D, H, W)`` before the output head (or, with ``head``,
+        ``head`` applied to it, in the same checkpointed segment)."""
+        enc1 = self._full_res(self.encoder1, x_in)
         enc2 = self.encoder2(outs[0])
         enc3 = self.encoder3(outs[1])
         enc4 = self.encoder4(outs[2])
@@ -223,8 +240,10 @@ class SegMamba(nn.Module):
         dec3 = self.decoder5(hidden, enc4)
         dec2 = self.decoder4(dec3, enc3)
         dec1 = self.decoder3(dec2, enc2)
-        dec0 = self.decoder2(dec1, enc1)
-        return self.decoder1(dec0)
+        dec0 = self._full_res(self.decoder2, dec1, enc1)
+        if head is None:
+            return self._full_res(self.decoder1, dec0)
+        return self._full_res(lambda d: head(self.decoder1(d)), dec0)
 
     def forward(self, x_in: torch.Tensor) -> torch.Tensor:
         if x_in.dim() != 5 or x_in.shape[1] != self.in_chans:
@@ -232,4 +251,4 @@ class SegMamba(nn.Module):
                              f"got {tuple(x_in.shape)}")
         check_input_size(x_in.shape[2:])
         outs = self.vit(x_in)
-        return self.out(self.decode(x_in, outs))
+        return self.decode(x_in, outs, head=self.out)
