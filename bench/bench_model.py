@@ -11,7 +11,7 @@ with and without 8-way mirror TTA. Prints a table and writes JSON.
         [--amp fp16] [--sw_compile]
 
 A ``+compile`` suffix runs the model through light_training.compile (torch.compile, as the scripts' --compile
-does); ``+cl`` uses channels-last 3D tensors; ``+graph`` times only inference, replayed from a CUDA graph
+does); ``+cl`` uses channels-last 3D tensors; ``+ckpt`` trains with SegMamba's activation checkpointing; ``+graph`` times only inference, replayed from a CUDA graph
 (light_training.cuda_graphs, as 4_predict.py --cuda_graphs does). ``--sw_graphs`` also times the sliding
 window with CUDA graphs (and with --sw_compile, compiled and graphed).
 """
@@ -50,6 +50,8 @@ def apply_variant(model, x, variant):
     :func:`light_training.compile.compile_network` (torch.compile, Mamba blocks eager, as the scripts do);
     ``+compilescan`` the same with only the Mamba scans eager. Returns the model, the input and whether the
     model was compiled."""
+    if "ckpt" in variant:  # SegMamba only: activation checkpointing of the full-resolution blocks
+        model.set_activation_checkpointing(True)
     if "cl" in variant:
         model = model.to(memory_format=torch.channels_last_3d)
         x = x.contiguous(memory_format=torch.channels_last_3d)
