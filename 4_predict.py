@@ -144,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
           f"from {args.checkpoint}" + (f" (epoch {epoch + 1})" if isinstance(epoch, int) else "") + f" | device {device}")
     if trained.get("roi") and list(trained["roi"]) != list(args.roi):
         print(f"note: the model was trained on {tuple(trained['roi'])} patches; predicting with --roi {tuple(args.roi)}")
+    graphs = args.cuda_graphs == "on" or (args.cuda_graphs == "auto" and device.type == "cuda")
     window = SlidingWindowConfig(roi_size=tuple(args.roi), overlap=args.overlap, sw_batch_size=args.sw_batch_size,
                                  mirror_axes=(0, 1, 2) if args.mirror_tta else (), amp_dtype=args.amp,
-                                 cuda_graphs=args.cuda_graphs == "on" or (args.cuda_graphs == "auto" and device.type == "cuda"))
+                                 cuda_graphs=graphs)
     predictor = SlidingWindowPredictor(window, device=device)
     print(f"predicting {len(names)} {args.split} case(s) from {args.data_dir} -> {args.output_dir} | ROI {tuple(args.roi)}, "
           f"overlap {args.overlap}, Gaussian weighting, mirror TTA {'on (8 flips)' if args.mirror_tta else 'off'}"

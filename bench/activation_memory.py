@@ -92,7 +92,8 @@ def main():
     for nbytes, where, _ in saved.values():
         groups[".".join(where.split(".")[:args.depth])] += nbytes
     print(f"SegMamba(4 -> 4), batch {args.batch} x 4 x {args.size}^3: {len(saved)} saved tensors, "
-          f"{total / 2**30:.2f} GiB as float32" + (", full-resolution blocks checkpointed" if args.checkpointing else ""))
+          f"{total / 2**30:.2f} GiB as float32"
+          + (", full-resolution blocks checkpointed" if args.checkpointing else ""))
     for where, nbytes in groups.most_common(args.top):
         print(f"{nbytes / 2**30:8.3f} GiB  {100 * nbytes / total:5.1f}%  {where}")
 

@@ -11,8 +11,9 @@ with and without 8-way mirror TTA. Prints a table and writes JSON.
         [--amp fp16] [--sw_compile]
 
 A ``+compile`` suffix runs the model through light_training.compile (torch.compile, as the scripts' --compile
-does); ``+cl`` uses channels-last 3D tensors; ``+ckpt`` trains with SegMamba's activation checkpointing; ``+graph`` times only inference, replayed from a CUDA graph
-(light_training.cuda_graphs, as 4_predict.py --cuda_graphs does). ``--sw_graphs`` also times the sliding
+does); ``+cl`` uses channels-last 3D tensors; ``+ckpt`` trains with SegMamba's activation checkpointing;
+``+graph`` times only inference, replayed from a CUDA graph (light_training.cuda_graphs, as
+4_predict.py --cuda_graphs does). ``--sw_graphs`` also times the sliding
 window with CUDA graphs (and with --sw_compile, compiled and graphed).
 """
 import argparse
@@ -170,7 +171,8 @@ def main():
         res["sliding_window_4x140x170x140_ms"] = bench_sliding_window(args.amp, False, graph_options)
         if args.sw_compile:
             res["sliding_window_4x140x170x140_ms"].update(bench_sliding_window(args.amp, True, graph_options))
-        print("sliding window 4x140x170x140:", {k: round(v, 1) for k, v in res["sliding_window_4x140x170x140_ms"].items()})
+        times = res["sliding_window_4x140x170x140_ms"]
+        print("sliding window 4x140x170x140:", {k: round(v, 1) for k, v in times.items()})
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
 

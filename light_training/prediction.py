@@ -104,7 +104,8 @@ class SlidingWindowPredictor:
         with torch.no_grad(), self._autocast():
             logits = sliding_window_inference(
                 image.to(self.device), roi_size=config.roi_size, sw_batch_size=config.sw_batch_size,
-                predictor=self._runner(model), overlap=config.overlap, mode=config.blend_mode, sigma_scale=config.sigma_scale,
+                predictor=self._runner(model), overlap=config.overlap, mode=config.blend_mode,
+                sigma_scale=config.sigma_scale,
                 padding_mode="constant", cval=0.0, sw_device=self.device, device=self.device,
                 progress=config.progress)
         return logits.float()
