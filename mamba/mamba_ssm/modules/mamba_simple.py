@@ -173,4 +173,9 @@ class Mamba(nn.Module):
         # add the through-slice output through a transposed view: no un-sliced copy is materialised
         y = out_forward + out_reverse
         y.view(*y.shape[:2], grid[0], -1).add_(slice_view_inverse(out_slice, grid))
-        return self.out_proj(y.transpose(1, 2))
+        # out_proj from the left as well: (d_model, d_inner) @ (B, d_inner, L) needs no token-major copy of y
+        # (which autograd would keep for the backward pass); the result is returned as a (B, L, d_model) view.
+        out = torch.matmul(self.out_proj.weight, y)
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias[:, None]
+        return out.transpose(1, 2)
