@@ -27,6 +27,13 @@ def _at_least_float32(p: torch.Tensor) -> torch.Tensor:
     return p.to(torch.promote_types(p.dtype, torch.float32))
 
 
+def _linear_channels_first(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer`` applied per token to channel-first ``x`` (B, in, L) -> (B, out, L), as a left multiplication:
+    the GEMM writes the channel-first result itself, with no token-major copy of ``x`` or of the result."""
+    out = torch.matmul(layer.weight, x)
+    return out if layer.bias is None else out + layer.bias[:, None]
+
+
 def _kernels_index_backwards(device: torch.device) -> bool:
     """True when both the conv1d and the selective-scan CUDA kernels run on ``device`` (they take the reverse
     direction by indexing)."""
@@ -160,9 +167,7 @@ class Mamba(nn.Module):
         grid = self.resolve_grid(hidden_states.shape[1], grid)
         # (B, 2*d_inner, L) produced contiguous by the GEMM itself, so the x and z halves are row-contiguous
         # channel slices that the kernels read in place (a transposed in_proj output would need copies).
-        xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))
-        if self.in_proj.bias is not None:
-            xz = xz + self.in_proj.bias[:, None]
+        xz = _linear_channels_first(self.in_proj, hidden_states.transpose(1, 2))
         out_forward = self._scan_direction(xz, self.direction_params(""))
         if _kernels_index_backwards(xz.device):
             # the conv1d and scan kernels walk the sequence backwards: no flipped copies of xz or the output
@@ -173,9 +178,6 @@ class Mamba(nn.Module):
         # add the through-slice output through a transposed view: no un-sliced copy is materialised
         y = out_forward + out_reverse
         y.view(*y.shape[:2], grid[0], -1).add_(slice_view_inverse(out_slice, grid))
-        # out_proj from the left as well: (d_model, d_inner) @ (B, d_inner, L) needs no token-major copy of y
-        # (which autograd would keep for the backward pass); the result is returned as a (B, L, d_model) view.
-        out = torch.matmul(self.out_proj.weight, y)
-        if self.out_proj.bias is not None:
-            out = out + self.out_proj.bias[:, None]
-        return out.transpose(1, 2)
+        # out_proj from the left as well: no token-major copy of y (which autograd would keep for the backward
+        # pass); the result is returned as a (B, L, d_model) view.
+        return _linear_channels_first(self.out_proj, y).transpose(1, 2)
