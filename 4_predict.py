@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     predictor = SlidingWindowPredictor(window, device=device)
     print(f"predicting {len(names)} {args.split} case(s) from {args.data_dir} -> {args.output_dir} | ROI {tuple(args.roi)}, "
           f"overlap {args.overlap}, Gaussian weighting, mirror TTA {'on (8 flips)' if args.mirror_tta else 'off'}"
-          + (", CUDA graphs on" if window.cuda_graphs and device.type == "cuda" else ""))
+          + (", CUDA graphs on" if predictor.uses_cuda_graphs else ""))
 
     leftovers = remove_stale_temporaries(args.output_dir)
     if leftovers:

@@ -50,7 +50,9 @@ class GraphedForward:
         self.say = say or logging.getLogger("light_training").warning
         self.graphs: Dict[Key, Optional[_Graph]] = {}  # None: this shape runs eagerly
         self.replays = 0
-        self.pool = None  # one memory pool shared by all captured shapes
+        # One memory pool shared by all captured shapes: safe because graphs replay one at a time on one
+        # stream and each replay's output is cloned before the next replay can overwrite it.
+        self.pool = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cuda" or torch.is_grad_enabled():

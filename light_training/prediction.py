@@ -80,19 +80,21 @@ class SlidingWindowPredictor:
         self.activation = activation
         self._graphed: Optional[GraphedForward] = None
 
-    def _use_graphs(self) -> bool:
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether windows are replayed from CUDA graphs (``config.cuda_graphs`` on a CUDA device)."""
         return self.config.cuda_graphs and self.device.type == "cuda"
 
     def _autocast(self):
         dtype = AMP_DTYPES[self.config.amp_dtype]
         if self.device.type == "cuda" and dtype is not None:
             # a CUDA graph must not capture autocast's weight-cast cache (it would outlive the capture)
-            return torch.autocast("cuda", dtype=dtype, cache_enabled=not self._use_graphs())
+            return torch.autocast("cuda", dtype=dtype, cache_enabled=not self.uses_cuda_graphs)
         return nullcontext()
 
     def _runner(self, model: ModelFunction) -> ModelFunction:
         """``model``, or with ``cuda_graphs`` its graph-replaying wrapper (kept while the model is the same)."""
-        if not self._use_graphs():
+        if not self.uses_cuda_graphs:
             return model
         if self._graphed is None or self._graphed.model is not model:
             self._graphed = GraphedForward(model)
