@@ -185,3 +185,64 @@ def test_block_runs_under_cpu_autocast_bfloat16():
     assert ((low.float() - plain).norm() / plain.norm()).item() < 5e-2
     low.float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("token_major_input", [False, True])
+def test_channels_first_linear_equals_per_token_linear(with_bias, token_major_input):
+    """The channel-first projection used for in_proj, x_proj, dt_proj and out_proj equals F.linear applied
+    to each token (float64), forward and gradients, for a contiguous and a transposed (token-major) input."""
+    from mamba_ssm.ops.selective_scan_interface import channels_first_linear
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
+    base = torch.randn(3, 11, 5, generator=g, dtype=torch.float64) if token_major_input else \
+        torch.randn(3, 5, 11, generator=g, dtype=torch.float64)
+    base.requires_grad_(True)
+    x = base.transpose(1, 2) if token_major_input else base  # (3, 5, 11) either way
+    out = channels_first_linear(w, x, b)
+    ref = F.linear(x.transpose(1, 2), w, b).transpose(1, 2)
+    assert out.shape == (3, 7, 11) and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    params = [base, w] + ([b] if with_bias else [])
+    got = torch.autograd.grad(out, params, grad)
+    want = torch.autograd.grad(ref, params, grad)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_channels_first_linear_makes_no_copy_of_its_input_or_output():
+    """torch.matmul(weight, x) would copy x token-major and copy the result back (two full-size copies);
+    the broadcast batched GEMM makes none (checked with the profiler's operator list, no grad, a weight that
+    requires grad as a module's parameter does: that is when matmul folds the batch)."""
+    from torch.profiler import profile
+    from mamba_ssm.ops.selective_scan_interface import channels_first_linear
+    w, x = torch.randn(16, 8, requires_grad=True), torch.randn(2, 8, 4096)
+    with torch.no_grad(), profile() as prof:
+        channels_first_linear(w, x)
+    ops = {e.key for e in prof.key_averages()}
+    assert not ops & {"aten::copy_", "aten::clone", "aten::contiguous"}, sorted(ops)
+    with torch.no_grad(), profile() as prof:  # the test can fail: matmul does copy
+        torch.matmul(w, x)
+    assert {e.key for e in prof.key_averages()} & {"aten::copy_", "aten::clone"}
+
+
+def test_channels_first_linear_under_autocast_runs_in_the_autocast_dtype():
+    """Under (CPU) autocast bfloat16 the projection computes in bfloat16 like F.linear does, and the float32
+    weight and input get float32 gradients close to F.linear's."""
+    from mamba_ssm.ops.selective_scan_interface import channels_first_linear
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(6, 4, generator=g, requires_grad=True)
+    x = torch.randn(2, 4, 50, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = channels_first_linear(w, x)
+        ref = F.linear(x.transpose(1, 2), w).transpose(1, 2)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+    grad = torch.randn(out.shape, generator=g).to(torch.bfloat16)
+    got = torch.autograd.grad(out, (w, x), grad)
+    want = torch.autograd.grad(ref, (w, x), grad)
+    for a, e in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, e, rtol=2e-2, atol=2e-2)

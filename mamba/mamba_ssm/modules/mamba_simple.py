@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from mamba_ssm.ops.orderings import (legacy_grid, reverse_order, slice_order, slice_view_inverse,
                                      validate_grid)
 from causal_conv1d.causal_conv1d_interface import backend_name as conv_backend_name
-from mamba_ssm.ops.selective_scan_interface import CUDA_KERNEL, active_backend, mamba_inner_fn_no_out_proj
+from mamba_ssm.ops.selective_scan_interface import (CUDA_KERNEL, active_backend, channels_first_linear,
+                                                    mamba_inner_fn_no_out_proj)
 
 TRI_ORIENTATED = "v3"  # the published flag value for the forward + reverse + through-slice scan
 DIRECTION_SUFFIXES = ("", "_b", "_s")  # forward, reverse, through-slice (names in the state dict)
@@ -25,13 +26,6 @@ DIRECTION_SUFFIXES = ("", "_b", "_s")  # forward, reverse, through-slice (names 
 
 def _at_least_float32(p: torch.Tensor) -> torch.Tensor:
     return p.to(torch.promote_types(p.dtype, torch.float32))
-
-
-def _linear_channels_first(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer`` applied per token to channel-first ``x`` (B, in, L) -> (B, out, L), as a left multiplication:
-    the GEMM writes the channel-first result itself, with no token-major copy of ``x`` or of the result."""
-    out = torch.matmul(layer.weight, x)
-    return out if layer.bias is None else out + layer.bias[:, None]
 
 
 def _kernels_index_backwards(device: torch.device) -> bool:
@@ -167,7 +161,7 @@ class Mamba(nn.Module):
         grid = self.resolve_grid(hidden_states.shape[1], grid)
         # (B, 2*d_inner, L) produced contiguous by the GEMM itself, so the x and z halves are row-contiguous
         # channel slices that the kernels read in place (a transposed in_proj output would need copies).
-        xz = _linear_channels_first(self.in_proj, hidden_states.transpose(1, 2))
+        xz = channels_first_linear(self.in_proj.weight, hidden_states.transpose(1, 2), self.in_proj.bias)
         out_forward = self._scan_direction(xz, self.direction_params(""))
         if _kernels_index_backwards(xz.device):
             # the conv1d and scan kernels walk the sequence backwards: no flipped copies of xz or the output
@@ -180,4 +174,4 @@ class Mamba(nn.Module):
         y.view(*y.shape[:2], grid[0], -1).add_(slice_view_inverse(out_slice, grid))
         # out_proj from the left as well: no token-major copy of y (which autograd would keep for the backward
         # pass); the result is returned as a (B, L, d_model) view.
-        return _linear_channels_first(self.out_proj, y).transpose(1, 2)
+        return channels_first_linear(self.out_proj.weight, y, self.out_proj.bias).transpose(1, 2)

@@ -111,6 +111,55 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
                                   reverse=reverse)
 
 
+class _ChannelsFirstLinear(torch.autograd.Function):
+    """``weight @ x[b]`` for every batch element b, with a backward pass that computes the weight gradient as
+    one long-reduction GEMM per batch element (see :func:`channels_first_linear`)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.dtypes = (weight.dtype, x.dtype)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):  # the projection is a GEMM: run it in the autocast dtype
+            dtype = torch.get_autocast_dtype(device_type)
+            weight, x = weight.to(dtype), x.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            out = torch.bmm(weight.expand(x.shape[0], *weight.shape), x)
+        ctx.save_for_backward(weight, x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, x = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        grad_weight = grad_x = None
+        if ctx.needs_input_grad[0]:
+            # sum over b of grad[b] @ x[b]^T: a (out, L) x (L, in) GEMM per batch element, summed in >= float32.
+            # (bmm(grad, x^T).sum(0), what autograd does for the broadcast weight, makes cuBLAS pick a batched
+            # kernel that is several times slower for these long reductions.)
+            grad_weight = torch.mm(grad[0], x[0].mT).to(torch.promote_types(grad.dtype, torch.float32))
+            for b in range(1, x.shape[0]):
+                grad_weight += torch.mm(grad[b], x[b].mT)
+            grad_weight = grad_weight.to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            grad_x = torch.bmm(weight.mT.expand(x.shape[0], *weight.mT.shape), grad).to(ctx.dtypes[1])
+        return grad_weight, grad_x
+
+
+def channels_first_linear(weight: torch.Tensor, x: torch.Tensor,
+                          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A linear layer's ``weight`` (out, in) (and ``bias``) applied per token to channel-first ``x``
+    (batch, in, L): returns the contiguous (batch, out, L) result. Under autocast the GEMMs run in the autocast
+    dtype, as ``F.linear`` would.
+
+    One batched GEMM with the weight broadcast over the batch (a stride-0 batch dimension) reads ``x`` in
+    place and writes the channel-first result directly. ``torch.matmul(weight, x)`` gives the same numbers
+    but folds the batch into one GEMM by transposing ``x``: a token-major copy of ``x`` on the way in and a
+    channel-first copy of the result on the way out (and more copies in its backward pass).
+    """
+    out = _ChannelsFirstLinear.apply(weight, x)
+    return out if bias is None else out + bias[:, None]
+
+
 def mamba_inner_fn_no_out_proj(xz: torch.Tensor, conv1d_weight: torch.Tensor,
                                conv1d_bias: Optional[torch.Tensor], x_proj_weight: torch.Tensor,
                                delta_proj_weight: torch.Tensor, A: torch.Tensor,
@@ -144,8 +193,8 @@ def mamba_inner_fn_no_out_proj(xz: torch.Tensor, conv1d_weight: torch.Tensor,
     u = causal_conv1d_fn(x, weight, conv1d_bias, activation="silu", reverse=reverse)
     # The projections act per token; multiplying from the left keeps the channel-first layout, so u is used
     # (and saved for backward) as it is and delta comes out contiguous: no transposed copies of u or delta.
-    x_dbl = torch.matmul(x_proj_weight, u)  # (batch, dt_rank + 2N, L)
-    delta = torch.matmul(delta_proj_weight, x_dbl[:, :dt_rank])  # (batch, d_inner, L)
+    x_dbl = channels_first_linear(x_proj_weight, u)  # (batch, dt_rank + 2N, L)
+    delta = channels_first_linear(delta_proj_weight, x_dbl[:, :dt_rank])  # (batch, d_inner, L)
     B = x_dbl[:, dt_rank:dt_rank + n].unsqueeze(1)  # (batch, 1, N, L), rows contiguous
     C = x_dbl[:, dt_rank + n:].unsqueeze(1)
     return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias=delta_bias, delta_softplus=delta_softplus,
