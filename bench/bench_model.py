@@ -11,7 +11,8 @@ with and without 8-way mirror TTA. Prints a table and writes JSON.
         [--amp fp16] [--sw_compile]
 
 A ``+compile`` suffix runs the model through light_training.compile (torch.compile, as the scripts' --compile
-does); ``+cl`` uses channels-last 3D tensors; ``+ckpt`` trains with SegMamba's activation checkpointing;
+does); ``+cl`` uses channels-last 3D tensors; ``+ckpt`` / ``+ckptm`` / ``+ckptall`` train with SegMamba's activation checkpointing of the
+full-resolution blocks / the Mamba layers / both;
 ``+graph`` times only inference, replayed from a CUDA graph (light_training.cuda_graphs, as
 4_predict.py --cuda_graphs does). ``--sw_graphs`` also times the sliding
 window with CUDA graphs (and with --sw_compile, compiled and graphed).
@@ -44,6 +45,7 @@ def build(name):
 
 
 COMPILE_VARIANTS = {"compile": "block", "compilescan": "scan"}  # suffix -> compile_network(eager=...)
+CHECKPOINT_VARIANTS = {"ckpt": "full_res", "ckptm": "mamba", "ckptall": "all"}  # suffix -> checkpointing mode
 
 
 def apply_variant(model, x, variant):
@@ -51,8 +53,9 @@ def apply_variant(model, x, variant):
     :func:`light_training.compile.compile_network` (torch.compile, Mamba blocks eager, as the scripts do);
     ``+compilescan`` the same with only the Mamba scans eager. Returns the model, the input and whether the
     model was compiled."""
-    if "ckpt" in variant:  # SegMamba only: activation checkpointing of the full-resolution blocks
-        model.set_activation_checkpointing(True)
+    ckpt = next((CHECKPOINT_VARIANTS[v] for v in variant if v in CHECKPOINT_VARIANTS), None)
+    if ckpt is not None:  # SegMamba only: activation checkpointing
+        model.set_activation_checkpointing(ckpt)
     if "cl" in variant:
         model = model.to(memory_format=torch.channels_last_3d)
         x = x.contiguous(memory_format=torch.channels_last_3d)

@@ -18,7 +18,7 @@ logits             ``(B, out_chans, D, H, W)``
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -83,13 +83,21 @@ class MambaLayer(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.mamba = Mamba(d_model=dim, d_state=d_state, d_conv=d_conv, expand=expand,
                            bimamba_type="v3", nslices=num_slices)
+        self.checkpoint = False  # a run setting (SegMamba.set_activation_checkpointing), not in the state dict
+
+    def _mix(self, tokens: torch.Tensor, grid: Tuple[int, int, int]) -> torch.Tensor:
+        return self.mamba(self.norm(tokens), grid=grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != self.dim:
             raise ValueError(f"MambaLayer(dim={self.dim}) expects (B, {self.dim}, D, H, W), got {tuple(x.shape)}")
         b, c, d, h, w = x.shape
         tokens = x.reshape(b, c, d * h * w).transpose(1, 2)  # (B, L, C)
-        out = self.mamba(self.norm(tokens), grid=(d, h, w))
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            # keep only the layer's input; the norm and the three scans run again in the backward pass
+            out = checkpoint(self._mix, tokens, (d, h, w), use_reentrant=False)
+        else:
+            out = self._mix(tokens, (d, h, w))
         return out.transpose(1, 2).reshape(b, c, d, h, w) + x
 
 
@@ -152,6 +160,9 @@ class MambaEncoder(nn.Module):
         return tuple(outs)
 
 
+CHECKPOINT_MODES = ("off", "mamba", "full_res", "all")  # SegMamba.set_activation_checkpointing
+
+
 def check_input_size(spatial: Sequence[int], multiple: int = 16) -> None:
     """Raise a clear error unless every spatial size is a positive multiple of ``multiple``."""
     bad = [s for s in spatial if s <= 0 or s % multiple]
@@ -212,15 +223,29 @@ class SegMamba(nn.Module):
         self.decoder2 = up(f[1], f[0])
         self.decoder1 = basic(f[0], f[0])
         self.out = UnetOutBlock(spatial_dims=3, in_channels=f[0], out_channels=out_chans)
-        self.checkpoint_full_res = False  # a run setting, not part of the architecture or the state dict
+        self.checkpoint_mode = "off"  # run settings, not part of the architecture or the state dict
+        self.checkpoint_full_res = False
 
-    def set_activation_checkpointing(self, on: bool = True) -> None:
-        """Training memory for time: with ``on``, the three full-resolution blocks (``encoder1``, ``decoder2``,
-        ``decoder1`` with the output head) keep only their inputs during a training forward pass and are
-        recomputed in the backward pass. Outputs and gradients are unchanged; evaluation is unaffected. At
-        batch 2 × 128³ these blocks hold about half of what the backward pass keeps
-        (``bench/activation_memory.py``)."""
-        self.checkpoint_full_res = bool(on)
+    def set_activation_checkpointing(self, mode: Union[bool, str] = True) -> None:
+        """Training memory for time: blocks that keep only their inputs during a training forward pass and run
+        again in the backward pass (``torch.utils.checkpoint``). Outputs and gradients are unchanged;
+        evaluation and the state dict are unaffected.
+
+        ``mode``: ``"mamba"`` the Mamba layers (norm and tri-orientated scans; cheap to recompute, about a
+        quarter of what a batch-2 128³ step keeps), ``"full_res"`` the three full-resolution convolution blocks
+        (``encoder1``, ``decoder2``, ``decoder1`` with the output head: about 45% of what it keeps, but their
+        convolutions are costly to recompute), ``"all"`` both, ``"off"`` / ``False`` none. ``True`` means
+        ``"mamba"``, the best trade measured. See ``bench/memory_phases.py`` and the README's Performance section for measured figures.
+        """
+        mode = {True: "mamba", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"activation checkpointing mode must be one of {CHECKPOINT_MODES} (or a bool); "
+                             f"got {mode!r}")
+        self.checkpoint_mode = mode
+        self.checkpoint_full_res = mode in ("full_res", "all")
+        for module in self.modules():
+            if isinstance(module, MambaLayer):
+                module.checkpoint = mode in ("mamba", "all")
 
     def _full_res(self, fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_full_res and self.training and torch.is_grad_enabled():
