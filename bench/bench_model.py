@@ -11,11 +11,10 @@ with and without 8-way mirror TTA. Prints a table and writes JSON.
         [--amp fp16] [--sw_compile]
 
 A ``+compile`` suffix runs the model through light_training.compile (torch.compile, as the scripts' --compile
-does); ``+cl`` uses channels-last 3D tensors; ``+ckpt`` / ``+ckptm`` / ``+ckptall`` train with SegMamba's activation checkpointing of the
-full-resolution blocks / the Mamba layers / both;
-``+graph`` times only inference, replayed from a CUDA graph (light_training.cuda_graphs, as
-4_predict.py --cuda_graphs does). ``--sw_graphs`` also times the sliding
-window with CUDA graphs (and with --sw_compile, compiled and graphed).
+does); ``+cl`` uses channels-last 3D tensors; ``+ckpt`` / ``+ckptm`` / ``+ckptall`` train with SegMamba's
+activation checkpointing of the full-resolution blocks / the Mamba layers / both; ``+graph`` times only
+inference, replayed from a CUDA graph (light_training.cuda_graphs, as 4_predict.py --cuda_graphs does).
+``--sw_graphs`` also times the sliding window with CUDA graphs (and with --sw_compile, compiled and graphed).
 """
 import argparse
 import json

@@ -235,7 +235,8 @@ class SegMamba(nn.Module):
         quarter of what a batch-2 128³ step keeps), ``"full_res"`` the three full-resolution convolution blocks
         (``encoder1``, ``decoder2``, ``decoder1`` with the output head: about 45% of what it keeps, but their
         convolutions are costly to recompute), ``"all"`` both, ``"off"`` / ``False`` none. ``True`` means
-        ``"mamba"``, the best trade measured. See ``bench/memory_phases.py`` and the README's Performance section for measured figures.
+        ``"mamba"``, the best trade measured. Under ``torch.compile`` checkpointing the full-resolution blocks was
+        measured to save no memory. Figures: ``bench/memory_phases.py`` and the README's Performance section.
         """
         mode = {True: "mamba", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
         if mode not in CHECKPOINT_MODES:

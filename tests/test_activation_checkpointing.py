@@ -1,6 +1,7 @@
 """SegMamba.set_activation_checkpointing: the Mamba layers and/or the full-resolution blocks are recomputed in
-the backward pass instead of keeping their activations. Same outputs and gradients as without it, fewer bytes kept for the
-backward pass, nothing changes in evaluation mode or in checkpoints; 3_train.py exposes it as a flag."""
+the backward pass instead of keeping their activations. Same outputs and gradients as without it, fewer
+bytes kept for the backward pass, nothing changes in evaluation mode or in checkpoints; 3_train.py exposes
+it as a flag."""
 import importlib
 
 import pytest
