@@ -238,7 +238,8 @@ class SegMamba(nn.Module):
         ``"mamba"``, the best trade measured. Under ``torch.compile`` checkpointing the full-resolution blocks was
         measured to save no memory. Figures: ``bench/memory_phases.py`` and the README's Performance section.
         """
-        mode = {True: "mamba", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
+        if isinstance(mode, bool):
+            mode = "mamba" if mode else "off"
         if mode not in CHECKPOINT_MODES:
             raise ValueError(f"activation checkpointing mode must be one of {CHECKPOINT_MODES} (or a bool); "
                              f"got {mode!r}")

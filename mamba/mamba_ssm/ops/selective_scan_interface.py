@@ -111,6 +111,17 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
                                   reverse=reverse)
 
 
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast casts GEMMs to on ``device_type`` right now, or None when it is off there."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    if device_type == "cuda":
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return None
+
+
 class _ChannelsFirstLinear(torch.autograd.Function):
     """``weight @ x[b]`` for every batch element b, with a backward pass that computes the weight gradient as
     one long-reduction GEMM per batch element (see :func:`channels_first_linear`)."""
@@ -119,8 +130,8 @@ class _ChannelsFirstLinear(torch.autograd.Function):
     def forward(ctx, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         ctx.dtypes = (weight.dtype, x.dtype)
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):  # the projection is a GEMM: run it in the autocast dtype
-            dtype = torch.get_autocast_dtype(device_type)
+        dtype = _autocast_dtype(device_type)
+        if dtype is not None:  # the projection is a GEMM: run it in the autocast dtype, as F.linear would
             weight, x = weight.to(dtype), x.to(dtype)
         with torch.autocast(device_type, enabled=False):
             out = torch.bmm(weight.expand(x.shape[0], *weight.shape), x)
