@@ -66,6 +66,14 @@ class GSC(nn.Module):
         return x + residual
 
 
+def _maybe_checkpointed(on: bool, fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """``fn(*args)``; with ``on`` and autograd recording, through ``torch.utils.checkpoint`` (only the inputs are
+    kept and ``fn`` runs again in the backward pass)."""
+    if on and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 class MambaLayer(nn.Module):
     """Pre-norm residual Mamba layer over the flattened voxels of a feature map.
 
@@ -93,11 +101,8 @@ class MambaLayer(nn.Module):
             raise ValueError(f"MambaLayer(dim={self.dim}) expects (B, {self.dim}, D, H, W), got {tuple(x.shape)}")
         b, c, d, h, w = x.shape
         tokens = x.reshape(b, c, d * h * w).transpose(1, 2)  # (B, L, C)
-        if self.checkpoint and self.training and torch.is_grad_enabled():
-            # keep only the layer's input; the norm and the three scans run again in the backward pass
-            out = checkpoint(self._mix, tokens, (d, h, w), use_reentrant=False)
-        else:
-            out = self._mix(tokens, (d, h, w))
+        # checkpointed: keep only the layer's input; the norm and the three scans run again in the backward pass
+        out = _maybe_checkpointed(self.checkpoint and self.training, self._mix, tokens, (d, h, w))
         return out.transpose(1, 2).reshape(b, c, d, h, w) + x
 
 
@@ -223,8 +228,7 @@ class SegMamba(nn.Module):
         self.decoder2 = up(f[1], f[0])
         self.decoder1 = basic(f[0], f[0])
         self.out = UnetOutBlock(spatial_dims=3, in_channels=f[0], out_channels=out_chans)
-        self.checkpoint_mode = "off"  # run settings, not part of the architecture or the state dict
-        self.checkpoint_full_res = False
+        self.checkpoint_mode = "off"  # a run setting, not part of the architecture or the state dict
 
     def set_activation_checkpointing(self, mode: Union[bool, str] = True) -> None:
         """Training memory for time: blocks that keep only their inputs during a training forward pass and run
@@ -244,15 +248,16 @@ class SegMamba(nn.Module):
             raise ValueError(f"activation checkpointing mode must be one of {CHECKPOINT_MODES} (or a bool); "
                              f"got {mode!r}")
         self.checkpoint_mode = mode
-        self.checkpoint_full_res = mode in ("full_res", "all")
         for module in self.modules():
             if isinstance(module, MambaLayer):
                 module.checkpoint = mode in ("mamba", "all")
 
+    @property
+    def checkpoint_full_res(self) -> bool:
+        return self.checkpoint_mode in ("full_res", "all")
+
     def _full_res(self, fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint_full_res and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+        return _maybe_checkpointed(self.checkpoint_full_res and self.training, fn, *args)
 
     def decode(self, x_in: torch.Tensor, outs: Sequence[torch.Tensor],
                head: Optional[nn.Module] = None) -> torch.Tensor:
