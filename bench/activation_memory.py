@@ -1,7 +1,8 @@
 """Where a SegMamba training step's memory goes: the tensors autograd keeps for the backward pass, per module,
 counted on the meta device (no data, no GPU, a few seconds on a CPU).
 
-    python bench/activation_memory.py [--batch 2] [--size 128] [--depth 3] [--top 25] [--checkpointing]
+    python bench/activation_memory.py [--batch 2] [--size 128] [--depth 3] [--top 25]
+        [--checkpointing off|mamba|full_res|all]
 
 Every tensor saved for backward is counted once (by storage) and charged to the innermost module running
 when it was saved. Sizes are as the meta trace makes them, i.e. float32: under fp16 autocast the outputs of
@@ -22,6 +23,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from model_segmamba.segmamba import CHECKPOINT_MODES  # noqa: E402
 
 
 class _ScanSaves(torch.autograd.Function):
@@ -48,7 +50,7 @@ class _ConvSaves(torch.autograd.Function):
         raise RuntimeError("meta trace only")
 
 
-def saved_tensors(batch, size, checkpointing=False):
+def saved_tensors(batch, size, checkpointing="off"):
     """{storage: (bytes, module name, shape)} of one forward pass of SegMamba(4 -> 4) on the meta device."""
     import mamba_ssm.modules.mamba_simple as mamba_simple
     import mamba_ssm.ops.selective_scan_interface as interface
@@ -59,7 +61,7 @@ def saved_tensors(batch, size, checkpointing=False):
     from model_segmamba import SegMamba
 
     model = SegMamba(4, 4).to("meta")
-    model.set_activation_checkpointing(checkpointing)  # training mode: the full-res blocks keep only inputs
+    model.set_activation_checkpointing(checkpointing)  # training mode: checkpointed blocks keep only inputs
     stack = ["(input)"]
     for name, module in model.named_modules():
         module.register_forward_pre_hook(lambda m, args, name=name: stack.append(name) and None)
@@ -84,7 +86,8 @@ def main():
     ap.add_argument("--size", type=int, default=128, help="cubic patch edge (multiple of 16)")
     ap.add_argument("--depth", type=int, default=3, help="module-name components to group by")
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--checkpointing", action="store_true", help="with SegMamba.set_activation_checkpointing")
+    ap.add_argument("--checkpointing", default="off", choices=CHECKPOINT_MODES,
+                    help="SegMamba.set_activation_checkpointing mode (default: off)")
     args = ap.parse_args()
     saved = saved_tensors(args.batch, args.size, args.checkpointing)
     total = sum(v[0] for v in saved.values())
@@ -93,7 +96,7 @@ def main():
         groups[".".join(where.split(".")[:args.depth])] += nbytes
     print(f"SegMamba(4 -> 4), batch {args.batch} x 4 x {args.size}^3: {len(saved)} saved tensors, "
           f"{total / 2**30:.2f} GiB as float32"
-          + (", full-resolution blocks checkpointed" if args.checkpointing else ""))
+          + (f", activation checkpointing {args.checkpointing}" if args.checkpointing != "off" else ""))
     for where, nbytes in groups.most_common(args.top):
         print(f"{nbytes / 2**30:8.3f} GiB  {100 * nbytes / total:5.1f}%  {where}")
 

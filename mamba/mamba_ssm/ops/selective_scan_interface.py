@@ -112,8 +112,11 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype autocast casts GEMMs to on ``device_type`` right now, or None when it is off there."""
+    """The dtype autocast casts GEMMs to on ``device_type`` right now, or None when it is off there (or does not
+    exist there, e.g. on the meta device)."""
     if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        if not torch.amp.is_autocast_available(device_type):
+            return None
         return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     if device_type == "cuda":
         return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
@@ -129,12 +132,10 @@ class _ChannelsFirstLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         ctx.dtypes = (weight.dtype, x.dtype)
-        device_type = x.device.type
-        dtype = _autocast_dtype(device_type)
+        dtype = _autocast_dtype(x.device.type)
         if dtype is not None:  # the projection is a GEMM: run it in the autocast dtype, as F.linear would
-            weight, x = weight.to(dtype), x.to(dtype)
-        with torch.autocast(device_type, enabled=False):
-            out = torch.bmm(weight.expand(x.shape[0], *weight.shape), x)
+            weight, x = weight.to(dtype), x.to(dtype)  # (autocast then has nothing left to cast)
+        out = torch.bmm(weight.expand(x.shape[0], *weight.shape), x)
         ctx.save_for_backward(weight, x)
         return out
 
