@@ -27,6 +27,7 @@ from monai.networks.blocks.dynunet_block import UnetOutBlock
 from monai.networks.blocks.unetr_block import UnetrBasicBlock, UnetrUpBlock
 
 from mamba_ssm import Mamba
+from model_segmamba.channels_last import is_channels_last_3d
 
 # Number of z-slices per stage that the published model hard-codes for 128³ inputs. Kept only as the
 # constructor's documented default; the actual scan order always follows the feature map's depth.
@@ -93,16 +94,19 @@ class MambaLayer(nn.Module):
                            bimamba_type="v3", nslices=num_slices)
         self.checkpoint = False  # a run setting (SegMamba.set_activation_checkpointing), not in the state dict
 
-    def _mix(self, tokens: torch.Tensor, grid: Tuple[int, int, int]) -> torch.Tensor:
-        return self.mamba(self.norm(tokens), grid=grid)
+    def _mix(self, tokens: torch.Tensor, grid: Tuple[int, int, int], token_major: bool) -> torch.Tensor:
+        return self.mamba(self.norm(tokens), grid=grid, token_major_out=token_major)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != self.dim:
             raise ValueError(f"MambaLayer(dim={self.dim}) expects (B, {self.dim}, D, H, W), got {tuple(x.shape)}")
         b, c, d, h, w = x.shape
         tokens = x.reshape(b, c, d * h * w).transpose(1, 2)  # (B, L, C)
+        # a channels-last feature map's tokens are contiguous rows: then the output comes back the same way, so
+        # that the reshape below is a view in either layout
+        token_major = is_channels_last_3d(x)
         # checkpointed: keep only the layer's input; the norm and the three scans run again in the backward pass
-        out = _maybe_checkpointed(self.checkpoint and self.training, self._mix, tokens, (d, h, w))
+        out = _maybe_checkpointed(self.checkpoint and self.training, self._mix, tokens, (d, h, w), token_major)
         return out.transpose(1, 2).reshape(b, c, d, h, w) + x
 
 

@@ -153,8 +153,12 @@ class Mamba(nn.Module):
                                           D=_at_least_float32(params.D), delta_bias=delta_bias,
                                           delta_softplus=True, reverse=reverse)
 
-    def forward(self, hidden_states: torch.Tensor, grid: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """hidden_states (B, L, d_model) -> (B, L, d_model); ``grid`` = (D, H, W) with D*H*W == L."""
+    def forward(self, hidden_states: torch.Tensor, grid: Optional[Sequence[int]] = None,
+                token_major_out: bool = False) -> torch.Tensor:
+        """hidden_states (B, L, d_model) -> (B, L, d_model); ``grid`` = (D, H, W) with D*H*W == L.
+
+        The result is a transposed view of a channel-first (B, d_model, L) tensor, or with ``token_major_out``
+        a contiguous (B, L, d_model) tensor (same values), which is a channels-last feature map's layout."""
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"Mamba.forward: hidden_states must be (batch, L, d_model={self.d_model}); "
                              f"got {tuple(hidden_states.shape)}")
@@ -173,5 +177,6 @@ class Mamba(nn.Module):
         y = out_forward + out_reverse
         y.view(*y.shape[:2], grid[0], -1).add_(slice_view_inverse(out_slice, grid))
         # out_proj from the left as well: no token-major copy of y (which autograd would keep for the backward
-        # pass); the result is returned as a (B, L, d_model) view.
-        return channels_first_linear(self.out_proj.weight, y, self.out_proj.bias).transpose(1, 2)
+        # pass); the GEMM writes the result in the layout asked for.
+        return channels_first_linear(self.out_proj.weight, y, self.out_proj.bias,
+                                     token_major=token_major_out).transpose(1, 2)

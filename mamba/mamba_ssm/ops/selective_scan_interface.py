@@ -130,12 +130,15 @@ class _ChannelsFirstLinear(torch.autograd.Function):
     one long-reduction GEMM per batch element (see :func:`channels_first_linear`)."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, weight: torch.Tensor, x: torch.Tensor, token_major: bool = False) -> torch.Tensor:
         ctx.dtypes = (weight.dtype, x.dtype)
         dtype = _autocast_dtype(x.device.type)
         if dtype is not None:  # the projection is a GEMM: run it in the autocast dtype, as F.linear would
             weight, x = weight.to(dtype), x.to(dtype)  # (autocast then has nothing left to cast)
-        out = torch.bmm(weight.expand(x.shape[0], *weight.shape), x)
+        if token_major:  # (x^T W^T)^T: the same GEMM with the operands swapped writes (batch, L, out) rows
+            out = torch.bmm(x.mT, weight.mT.expand(x.shape[0], *weight.mT.shape)).mT
+        else:
+            out = torch.bmm(weight.expand(x.shape[0], *weight.shape), x)
         ctx.save_for_backward(weight, x)
         return out
 
@@ -154,21 +157,22 @@ class _ChannelsFirstLinear(torch.autograd.Function):
             grad_weight = grad_weight.to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
             grad_x = torch.bmm(weight.mT.expand(x.shape[0], *weight.mT.shape), grad).to(ctx.dtypes[1])
-        return grad_weight, grad_x
+        return grad_weight, grad_x, None
 
 
-def channels_first_linear(weight: torch.Tensor, x: torch.Tensor,
-                          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def channels_first_linear(weight: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                          token_major: bool = False) -> torch.Tensor:
     """A linear layer's ``weight`` (out, in) (and ``bias``) applied per token to channel-first ``x``
-    (batch, in, L): returns the contiguous (batch, out, L) result. Under autocast the GEMMs run in the autocast
-    dtype, as ``F.linear`` would.
+    (batch, in, L): returns the (batch, out, L) result, contiguous, or with ``token_major=True`` laid out as
+    contiguous (batch, L, out) rows (``result.transpose(1, 2)`` is then contiguous: what a channels-last
+    feature map needs). Under autocast the GEMMs run in the autocast dtype, as ``F.linear`` would.
 
     One batched GEMM with the weight broadcast over the batch (a stride-0 batch dimension) reads ``x`` in
     place and writes the channel-first result directly. ``torch.matmul(weight, x)`` gives the same numbers
     but folds the batch into one GEMM by transposing ``x``: a token-major copy of ``x`` on the way in and a
     channel-first copy of the result on the way out (and more copies in its backward pass).
     """
-    out = _ChannelsFirstLinear.apply(weight, x)
+    out = _ChannelsFirstLinear.apply(weight, x, token_major)
     return out if bias is None else out + bias[:, None]
 
 
