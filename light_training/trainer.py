@@ -31,11 +31,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from model_segmamba.channels_last import CHOICES as CHANNELS_LAST_CHOICES, should_use_channels_last, use_channels_last
+
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, capture_rng_state, load_checkpoint,
                          restore_rng_state, save_checkpoint_atomic, tensors_are_finite)
 from .distributed import DistributedContext, all_gather_objects, all_reduce_mean
 from .lr_scheduler import PolyLRScheduler
-from .compile import CHOICES as COMPILE_CHOICES, compile_network
+from .compile import CHOICES as COMPILE_CHOICES, compile_network, should_compile
 from .prediction import SlidingWindowConfig, SlidingWindowPredictor, labels_from_probabilities
 from .progress import TrainingHistory, plot_progress, setup_logging
 from .utils.files import remove_stale_temporaries
@@ -81,12 +83,16 @@ class TrainerConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     compile: str = "off"  # torch.compile the network: auto (CUDA only), on, off (light_training.compile)
+    channels_last: str = "auto"  # channels-last 3D activations: auto (= when compiled on CUDA), on, off
 
     def __post_init__(self) -> None:
         if self.amp_dtype not in ("fp16", "bf16", "none"):
             raise ValueError(f"amp_dtype must be fp16, bf16 or none, got {self.amp_dtype!r}")
         if self.compile not in COMPILE_CHOICES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
+        if self.channels_last not in CHANNELS_LAST_CHOICES:
+            raise ValueError(f"channels_last must be one of {', '.join(CHANNELS_LAST_CHOICES)}, "
+                             f"got {self.channels_last!r}")
         if self.selection_mode not in ("max", "min"):
             raise ValueError(f"selection_mode must be max or min, got {self.selection_mode!r}")
         for name in ("max_epochs", "iterations_per_epoch", "val_every", "save_every", "max_consecutive_nonfinite"):
@@ -243,6 +249,11 @@ class Trainer:
         self.logdir = Path(config.logdir)
         self.model_dir = self.logdir / "model"
         self.logger = setup_logging(self.logdir, self.context.is_main_process, self.context.rank)
+        self.channels_last = should_use_channels_last(config.channels_last, self.device,
+                                                      should_compile(config.compile, self.device))
+        if self.channels_last:  # before compiling, so the compiled graphs see the final layout
+            use_channels_last(self.model)
+            self.logger.info("channels-last 3D activations (--channels_last off to disable)")
         self.compiled = compile_network(self.model, config.compile, self.device, say=self.logger.info)
 
         self.steps_per_epoch = max(1, config.iterations_per_epoch // self.context.world_size)

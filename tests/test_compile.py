@@ -14,6 +14,7 @@ from light_training.compile import compile_network, should_compile
 from light_training.trainer import TrainerConfig
 from mamba_ssm import Mamba
 from model_segmamba import SegMamba
+from model_segmamba.channels_last import use_channels_last
 
 
 def small_segmamba():
@@ -61,11 +62,12 @@ def _relative(a, b):
 
 @needs_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("eager_part", ["block", "scan"])
-def test_compiled_segmamba_matches_eager_on_gpu(eager_part):
+@pytest.mark.parametrize("eager_part, channels_last", [("block", False), ("scan", False), ("block", True)])
+def test_compiled_segmamba_matches_eager_on_gpu(eager_part, channels_last):
     """Compiled float32 SegMamba vs a float64 copy (the oracle): output and every gradient may be at most
     twice as far from it as the eager float32 network is (plus a floor), so compilation never costs
-    accuracy; then fp16-autocast inference of compiled vs eager."""
+    accuracy; then fp16-autocast inference of compiled vs eager. ``channels_last``: the compiled network
+    also runs with channels-last activations (what --compile does by default on CUDA)."""
     dev = torch.device("cuda")
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -73,6 +75,8 @@ def test_compiled_segmamba_matches_eager_on_gpu(eager_part):
         eager = small_segmamba().to(dev)
         oracle = copy.deepcopy(eager).double()
         compiled = copy.deepcopy(eager)
+        if channels_last:
+            use_channels_last(compiled)
         assert compile_network(compiled, "on", dev, say=lambda _: None, eager=eager_part)
         torch._dynamo.reset()  # each case compiles afresh
         x = torch.randn(2, 4, 64, 64, 64, device=dev)

@@ -244,6 +244,32 @@ def test_checkpoint_holds_full_training_state_readable_with_weights_only(tmp_pat
     assert set(checkpoint["rng"]) >= {"python", "numpy", "torch"}
 
 
+def test_channels_last_training_matches_default_layout_and_checkpoints_load_anywhere(tmp_path):
+    """TrainerConfig(channels_last="on"): the model is switched to channels-last weights and inputs, trains to
+    the same weights as the default layout, and its checkpoint loads into an ordinary model."""
+    runs = {}
+    for setting in ("off", "on"):
+        model = tiny_model()
+        layouts = []  # whether the first convolution's (4-channel) output was channels-last, per step
+        model[0].register_forward_hook(lambda m, i, out: layouts.append(
+            out.is_contiguous(memory_format=torch.channels_last_3d) and not out.is_contiguous()))
+        trainer = Trainer(model, config(tmp_path / setting, channels_last=setting), ToyBatchStream())
+        assert trainer.channels_last is (setting == "on")
+        trainer.fit()
+        assert len(layouts) == 6 and set(layouts) == {setting == "on"}
+        runs[setting] = trainer.model
+    for (name, a), b in zip(runs["off"].state_dict().items(), runs["on"].state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    checkpoint = torch.load(tmp_path / "on" / "run" / "model" / FINAL_CHECKPOINT, map_location="cpu",
+                            weights_only=True)
+    plain = tiny_model()
+    plain.load_state_dict(checkpoint["model"])
+    for name, tensor in runs["on"].state_dict().items():
+        assert torch.equal(plain.state_dict()[name], tensor)
+    with pytest.raises(ValueError, match="channels_last"):
+        config(tmp_path, channels_last="yes")
+
+
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     import random
     torch.manual_seed(3)
