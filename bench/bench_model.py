@@ -48,16 +48,17 @@ CHECKPOINT_VARIANTS = {"ckpt": "full_res", "ckptm": "mamba", "ckptall": "all"}  
 
 
 def apply_variant(model, x, variant):
-    """Variant suffixes of a model name: ``+cl`` channels-last 3D weights and input; ``+compile``
+    """Variant suffixes of a model name: ``+cl`` channels-last 3D activations
+    (:func:`model_segmamba.channels_last.use_channels_last` and a channels-last input); ``+compile``
     :func:`light_training.compile.compile_network` (torch.compile, Mamba blocks eager, as the scripts do);
     ``+compilescan`` the same with only the Mamba scans eager. Returns the model, the input and whether the
     model was compiled."""
     ckpt = next((CHECKPOINT_VARIANTS[v] for v in variant if v in CHECKPOINT_VARIANTS), None)
     if ckpt is not None:  # SegMamba only: activation checkpointing
         model.set_activation_checkpointing(ckpt)
-    if "cl" in variant:
-        model = model.to(memory_format=torch.channels_last_3d)
-        x = x.contiguous(memory_format=torch.channels_last_3d)
+    if "cl" in variant:  # what the scripts' --channels_last does
+        from model_segmamba.channels_last import channels_last_input, use_channels_last
+        model, x = use_channels_last(model), channels_last_input(x)
     eager = next((COMPILE_VARIANTS[v] for v in variant if v in COMPILE_VARIANTS), None)
     if eager is not None:  # exactly what the training and prediction scripts do with --compile
         from light_training.compile import compile_network

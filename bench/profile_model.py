@@ -2,7 +2,7 @@
 
 Batch 2 x 4 x 128^3, fp16 autocast, SGD step. Prints the top CUDA kernels and a category table; writes JSON.
 
-    python bench/profile_model.py --out profile_model.json [--compile]
+    python bench/profile_model.py --out profile_model.json [--compile] [--channels_last] [--ops 40]
 """
 import argparse
 import json
@@ -41,15 +41,21 @@ def main():
     ap.add_argument("--out", default="profile_model.json")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--compile", action="store_true", help="profile the network compiled as --compile on does")
+    ap.add_argument("--channels_last", action="store_true", help="channels-last 3D activations (--channels_last)")
+    ap.add_argument("--ops", type=int, default=0, metavar="N",
+                    help="also list the N operators (with input shapes) that launch the most GPU time")
     args = ap.parse_args()
     from model_segmamba import SegMamba
     torch.backends.cudnn.benchmark = True
     model = SegMamba(4, 4).cuda().train()
+    s = args.size
+    x = torch.randn(2, 4, s, s, s, device="cuda")
+    if args.channels_last:
+        from model_segmamba.channels_last import channels_last_input, use_channels_last
+        model, x = use_channels_last(model), channels_last_input(x)
     if args.compile:
         from light_training.compile import compile_network
         compile_network(model, "on", torch.device("cuda"), say=print)
-    s = args.size
-    x = torch.randn(2, 4, s, s, s, device="cuda")
     y = torch.randint(0, 4, (2, s, s, s), device="cuda")
     opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
     scaler = torch.amp.GradScaler("cuda")
@@ -66,13 +72,16 @@ def main():
         step()
     torch.cuda.synchronize()
     steps = 3
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if args.ops else [])
+    with torch.profiler.profile(activities=activities, record_shapes=bool(args.ops)) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
     per_kernel = defaultdict(float)
     for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
+        # (with --ops the CPU side is recorded too, and Inductor's "## Call CompiledFxGraph" regions then also
+        # appear as GPU-side annotations spanning their kernels: not kernels, so not counted)
+        if evt.device_type == torch.autograd.DeviceType.CUDA and not evt.name.startswith("## "):
             per_kernel[evt.name] += evt.device_time_total / 1000.0 / steps  # ms per step
     total = sum(per_kernel.values())
     per_cat = defaultdict(float)
@@ -85,9 +94,18 @@ def main():
     print("top kernels:")
     for name, ms in top:
         print(f"  {ms:7.2f} ms  {categorize(name):<20} {name[:110]}")
+    ops = []
+    if args.ops:  # which operators (and shapes) launch the kernels: e.g. where the copies come from
+        averages = prof.key_averages(group_by_input_shape=True)
+        rows = sorted(averages, key=lambda e: -e.self_device_time_total)[:args.ops]
+        print("operators by self GPU time:")
+        for e in rows:
+            ms = e.self_device_time_total / 1000.0 / steps
+            ops.append([e.key, str(e.input_shapes)[:160], ms, e.count // steps])
+            print(f"  {ms:7.2f} ms  x{e.count // steps:<4} {e.key[:40]:<40} {str(e.input_shapes)[:110]}")
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "total_ms": total, "categories": per_cat,
-                   "top": top}, f, indent=1)
+                   "top": top, "ops": ops}, f, indent=1)
 
 
 if __name__ == "__main__":
