@@ -125,20 +125,23 @@ def bench_one(name, amp, repeat):
     return res
 
 
-def bench_sliding_window(amp, compiled=False, graph_options=(False,)):
-    """Whole-volume sliding window (one model, compiled or not) with each CUDA-graphs setting given; every
-    predictor is warmed up once (compilation, graph capture) before its timed run."""
+def bench_sliding_window(amp, compiled=False, graph_options=(False,), channels_last=False):
+    """Whole-volume sliding window (one model, compiled or not, channels-last or not) with each CUDA-graphs
+    setting given; every predictor is warmed up once (compilation, graph capture) before its timed run."""
     from light_training.prediction import SlidingWindowConfig, SlidingWindowPredictor
     from model_segmamba import SegMamba
     os.environ["SEGMAMBA_FORCE_PYTORCH"] = "0"
     model = SegMamba(4, 4).cuda().eval()
+    if channels_last:
+        from model_segmamba.channels_last import use_channels_last
+        use_channels_last(model)
     if compiled:
         from light_training.compile import compile_network
         compile_network(model, "on", torch.device("cuda"), say=print)
     vol = torch.randn(4, 140, 170, 140)
     out = {}
     for graphs in graph_options:
-        suffix = ("+compile" if compiled else "") + ("+graphs" if graphs else "")
+        suffix = ("+compile" if compiled else "") + ("+cl" if channels_last else "") + ("+graphs" if graphs else "")
         for tta, axes in (("none", ()), ("mirror8", (0, 1, 2))):
             pred = SlidingWindowPredictor(SlidingWindowConfig(mirror_axes=axes, amp_dtype=amp, cuda_graphs=graphs),
                                           device="cuda")
@@ -160,6 +163,9 @@ def main():
     ap.add_argument("--no_sliding_window", action="store_true")
     ap.add_argument("--sw_compile", action="store_true", help="also time the sliding window with --compile on")
     ap.add_argument("--sw_graphs", action="store_true", help="also time the sliding window with CUDA graphs")
+    ap.add_argument("--sw_channels_last", action="store_true",
+                    help="time the sliding window with channels-last activations (as 4_predict.py's default when "
+                         "compiled) instead of the default layout")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "amp": args.amp, "models": []}
@@ -171,9 +177,10 @@ def main():
         print(f"{r['model']:<22} {train}   infer {r['infer_ms']:7.1f} ms {r['infer_peak_GiB']:5.2f} GiB", flush=True)
     if not args.no_sliding_window:
         graph_options = (False, True) if args.sw_graphs else (False,)
-        res["sliding_window_4x140x170x140_ms"] = bench_sliding_window(args.amp, False, graph_options)
+        cl = args.sw_channels_last
+        res["sliding_window_4x140x170x140_ms"] = bench_sliding_window(args.amp, False, graph_options, cl)
         if args.sw_compile:
-            res["sliding_window_4x140x170x140_ms"].update(bench_sliding_window(args.amp, True, graph_options))
+            res["sliding_window_4x140x170x140_ms"].update(bench_sliding_window(args.amp, True, graph_options, cl))
         times = res["sliding_window_4x140x170x140_ms"]
         print("sliding window 4x140x170x140:", {k: round(v, 1) for k, v in times.items()})
     with open(args.out, "w") as f:
