@@ -37,7 +37,7 @@ MIRROR_TTA = True                             # average the probabilities of the
 DEVICE = "auto"                               # auto, cpu, cuda, cuda:N
 AMP = "fp16"                                  # CUDA autocast dtype: fp16, bf16 or none
 COMPILE = "auto"                              # torch.compile: auto (on CUDA; ~1.8x faster windows), on, off
-CHANNELS_LAST = "auto"                        # channels-last 3D activations: auto (= with compile on CUDA), on, off
+CHANNELS_LAST = "auto"                        # channels-last 3D activations: auto (= on CUDA), on, off
 CUDA_GRAPHS = "auto"                          # replay a captured forward per window batch: auto (= on CUDA), on, off
 IN_CHANNELS = 4
 NUM_CLASSES = 4
@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile", choices=["auto", "on", "off"], default=COMPILE,
         help=f"torch.compile the network; auto = on CUDA only, the first windows take 1-2 min longer (default: {COMPILE})")
     add("--channels_last", choices=["auto", "on", "off"], default=CHANNELS_LAST,
-        help="keep activations channels-last (NDHWC): faster convolutions, same results; auto = when compiled on "
-             f"CUDA (default: {CHANNELS_LAST})")
+        help="keep activations channels-last (NDHWC): faster convolutions, same results; auto = on CUDA "
+             f"(default: {CHANNELS_LAST})")
     add("--cuda_graphs", choices=["auto", "on", "off"], default=CUDA_GRAPHS,
         help="capture each window batch's forward pass once as a CUDA graph and replay it (no per-window CPU "
              f"launch cost; falls back to normal runs if capture fails); auto = on CUDA (default: {CUDA_GRAPHS})")
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.data_dir}: preprocessed data directory not found", file=sys.stderr)
         return EXIT_NOTHING
     model = model.to(device)
-    if should_use_channels_last(args.channels_last, device, should_compile(args.compile, device)):
+    if should_use_channels_last(args.channels_last, device, should_compile(args.compile, device), training=False):
         use_channels_last(model)  # before compiling, so the compiled graphs see the final layout
         print("channels-last 3D activations (--channels_last off to disable)")
     compile_network(model, args.compile, device, say=print)

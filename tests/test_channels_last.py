@@ -2,6 +2,7 @@
 feature map stays channels-last through SegMamba, the state dict is untouched; the pieces that keep the
 layout (the instance norm, the Mamba layer's token-major output projection) against float64 references."""
 import copy
+import importlib
 
 import pytest
 import torch
@@ -111,10 +112,21 @@ def test_segmamba_channels_last_same_results_and_layout():
         torch.testing.assert_close(out, plain.eval()(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("script", ["3_train", "4_predict", "abus_train"])
+def test_scripts_take_the_channels_last_flag(script):
+    parse = importlib.import_module(script).build_parser().parse_args
+    assert parse([]).channels_last == "auto"
+    assert parse(["--channels_last", "off"]).channels_last == "off"
+    with pytest.raises(SystemExit):
+        parse(["--channels_last", "maybe"])
+
+
 def test_setting_resolution():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert should_use_channels_last("auto", cuda, compiled=True)
-    assert not should_use_channels_last("auto", cuda, compiled=False)  # eager: twice the memory (docstring)
+    assert not should_use_channels_last("auto", cuda, compiled=False)  # eager training: twice the memory
+    assert should_use_channels_last("auto", cuda, compiled=False, training=False)  # eager inference: faster
+    assert not should_use_channels_last("auto", cpu, compiled=False, training=False)
     assert not should_use_channels_last("auto", cpu, compiled=True)
     assert should_use_channels_last("on", cpu, compiled=False)
     assert not should_use_channels_last("off", cuda, compiled=True)
