@@ -6,12 +6,11 @@ spent 26 ms of 190 ms in those conversions). :func:`use_channels_last` keeps the
 from the input to the logits instead:
 
 * the weights of every 3D convolution are stored channels-last (``module.to(memory_format=...)``);
-* every parameter-free-or-affine ``nn.InstanceNorm3d`` becomes :class:`InstanceNorm3dAnyLayout`, whose output
-  keeps its input's layout (PyTorch's instance norm makes its input contiguous, so it returns NCDHW and the
-  next convolution converts again). Same state dict, same numbers;
+* every ``nn.InstanceNorm3d`` becomes :class:`InstanceNorm3dAnyLayout`, whose output keeps its input's layout
+  (PyTorch's instance norm makes its input contiguous, so it returns NCDHW and the next convolution converts
+  again). Same state dict, same numbers;
 * SegMamba's Mamba layers notice a channels-last input and have their output projection write token-major
-  rows, which is the channels-last layout of the feature map (no copy on the way in or out).
-
+  rows, which is the channels-last layout of the feature map (no copy on the way in or out);
 * the model converts its 5-D inputs to channels-last itself (a forward pre-hook), so callers pass ordinary
   tensors. Outputs are channels-last tensors of the usual shape and values.
 
