@@ -36,6 +36,20 @@ def categorize(name):
     return "other"
 
 
+def busy_time(intervals):
+    """Length of the union of (start, end) intervals: the time the GPU had at least one kernel running
+    (kernels of different streams may overlap)."""
+    busy, reach = 0.0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            busy += end - start
+            reach = end
+        elif end > reach:
+            busy += end - reach
+            reach = end
+    return busy
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="profile_model.json")
@@ -78,12 +92,19 @@ def main():
             step()
         torch.cuda.synchronize()
     per_kernel = defaultdict(float)
+    intervals = []
     for evt in prof.events():
         # (with --ops the CPU side is recorded too, and Inductor's "## Call CompiledFxGraph" regions then also
         # appear as GPU-side annotations spanning their kernels: not kernels, so not counted)
         if evt.device_type == torch.autograd.DeviceType.CUDA and not evt.name.startswith("## "):
             per_kernel[evt.name] += evt.device_time_total / 1000.0 / steps  # ms per step
+            intervals.append((evt.time_range.start, evt.time_range.end))  # microseconds
     total = sum(per_kernel.values())
+    # GPU span of the profiled steps against the time some kernel ran: the rest is the GPU waiting for the
+    # CPU (launch overhead, synchronisations). The profiler's own CPU overhead inflates the span somewhat.
+    span = (max(e for _, e in intervals) - min(s for s, _ in intervals)) / 1000.0 / steps
+    busy = busy_time(intervals) / 1000.0 / steps
+    print(f"GPU span per step {span:.1f} ms, busy {busy:.1f} ms ({100 * busy / span:.0f}%), idle {span - busy:.1f} ms")
     per_cat = defaultdict(float)
     for name, ms in per_kernel.items():
         per_cat[categorize(name)] += ms
@@ -104,8 +125,8 @@ def main():
             ops.append([e.key, str(e.input_shapes)[:160], ms, e.count // steps])
             print(f"  {ms:7.2f} ms  x{e.count // steps:<4} {e.key[:40]:<40} {str(e.input_shapes)[:110]}")
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "total_ms": total, "categories": per_cat,
-                   "top": top, "ops": ops}, f, indent=1)
+        json.dump({"device": torch.cuda.get_device_name(), "total_ms": total, "span_ms": span, "busy_ms": busy,
+                   "categories": per_cat, "top": top, "ops": ops}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,20 @@
+"""Helpers of the GPU benchmark scripts that can be checked on the CPU."""
+import importlib.util
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_busy_time_is_the_union_of_kernel_intervals():
+    busy_time = load("profile_model").busy_time
+    assert busy_time([]) == 0.0
+    # by hand: [0, 4] and [2, 5] overlap -> 5; [7, 8] -> 1; [7.5, 7.8] inside it -> 0; [10, 12] -> 2: total 8
+    assert busy_time([(10, 12), (2, 5), (7, 8), (0, 4), (7.5, 7.8)]) == 8
+    assert busy_time([(0, 1), (1, 2)]) == 2  # touching, not overlapping
