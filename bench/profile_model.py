@@ -2,7 +2,7 @@
 
 Batch 2 x 4 x 128^3, fp16 autocast, SGD step. Prints the top CUDA kernels and a category table; writes JSON.
 
-    python bench/profile_model.py --out profile_model.json [--compile] [--channels_last] [--ops 40]
+    python bench/profile_model.py --out profile_model.json [--compile] [--channels_last] [--ops 40] [--gaps 20]
 """
 import argparse
 import json
@@ -50,12 +50,26 @@ def busy_time(intervals):
     return busy
 
 
+def largest_gaps(kernels, n):
+    """The ``n`` longest stretches with no kernel running, from (start, end, name) kernels: a list of
+    (gap length, name of the kernel that ran last before it, name of the kernel that ended it)."""
+    gaps, reach, last = [], None, None
+    for start, end, name in sorted(kernels):
+        if reach is not None and start > reach:
+            gaps.append((start - reach, last, name))
+        if reach is None or end > reach:
+            reach, last = end, name
+    return sorted(gaps, key=lambda g: -g[0])[:n]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="profile_model.json")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--compile", action="store_true", help="profile the network compiled as --compile on does")
     ap.add_argument("--channels_last", action="store_true", help="channels-last 3D activations (--channels_last)")
+    ap.add_argument("--gaps", type=int, default=0, metavar="N",
+                    help="also list the N longest stretches in which the GPU ran no kernel (with their neighbours)")
     ap.add_argument("--ops", type=int, default=0, metavar="N",
                     help="also list the N operators (with input shapes) that launch the most GPU time")
     args = ap.parse_args()
@@ -98,13 +112,18 @@ def main():
         # appear as GPU-side annotations spanning their kernels: not kernels, so not counted)
         if evt.device_type == torch.autograd.DeviceType.CUDA and not evt.name.startswith("## "):
             per_kernel[evt.name] += evt.device_time_total / 1000.0 / steps  # ms per step
-            intervals.append((evt.time_range.start, evt.time_range.end))  # microseconds
+            intervals.append((evt.time_range.start, evt.time_range.end, evt.name))  # microseconds
     total = sum(per_kernel.values())
     # GPU span of the profiled steps against the time some kernel ran: the rest is the GPU waiting for the
     # CPU (launch overhead, synchronisations). The profiler's own CPU overhead inflates the span somewhat.
-    span = (max(e for _, e in intervals) - min(s for s, _ in intervals)) / 1000.0 / steps
-    busy = busy_time(intervals) / 1000.0 / steps
+    span = (max(e for _, e, _ in intervals) - min(s for s, _, _ in intervals)) / 1000.0 / steps
+    busy = busy_time([(s, e) for s, e, _ in intervals]) / 1000.0 / steps
     print(f"GPU span per step {span:.1f} ms, busy {busy:.1f} ms ({100 * busy / span:.0f}%), idle {span - busy:.1f} ms")
+    gaps = [(us / 1000.0, before, after) for us, before, after in largest_gaps(intervals, args.gaps)]
+    if gaps:
+        print(f"longest GPU idle stretches over the {steps} steps:")
+        for ms, before, after in gaps:
+            print(f"  {ms:7.3f} ms  after {before[:60]}  before {after[:60]}")
     per_cat = defaultdict(float)
     for name, ms in per_kernel.items():
         per_cat[categorize(name)] += ms
@@ -125,7 +144,7 @@ def main():
             ops.append([e.key, str(e.input_shapes)[:160], ms, e.count // steps])
             print(f"  {ms:7.2f} ms  x{e.count // steps:<4} {e.key[:40]:<40} {str(e.input_shapes)[:110]}")
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "total_ms": total, "span_ms": span, "busy_ms": busy,
+        json.dump({"device": torch.cuda.get_device_name(), "total_ms": total, "span_ms": span, "busy_ms": busy, "gaps": gaps,
                    "categories": per_cat, "top": top, "ops": ops}, f, indent=1)
 
 

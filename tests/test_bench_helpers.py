@@ -18,3 +18,12 @@ def test_profile_busy_time_is_the_union_of_kernel_intervals():
     # by hand: [0, 4] and [2, 5] overlap -> 5; [7, 8] -> 1; [7.5, 7.8] inside it -> 0; [10, 12] -> 2: total 8
     assert busy_time([(10, 12), (2, 5), (7, 8), (0, 4), (7.5, 7.8)]) == 8
     assert busy_time([(0, 1), (1, 2)]) == 2  # touching, not overlapping
+
+
+def test_profile_largest_gaps_by_hand():
+    largest_gaps = load("profile_model").largest_gaps
+    kernels = [(0, 4, "a"), (2, 5, "b"), (7, 8, "c"), (7.5, 7.8, "d"), (10, 12, "e"), (12, 13, "f")]
+    # idle: 5 -> 7 (after b, before c) and 8 -> 10 (after c, the kernel reaching furthest, before e)
+    assert largest_gaps(kernels, 5) == [(2, "b", "c"), (2, "c", "e")]
+    assert largest_gaps([(0, 1, "a"), (3, 4, "b"), (4.5, 5, "c")], 1) == [(2, "a", "b")]
+    assert largest_gaps(kernels, 0) == []
