@@ -121,6 +121,23 @@ def test_scripts_take_the_channels_last_flag(script):
         parse(["--channels_last", "maybe"])
 
 
+@pytest.mark.parametrize("mode", ["mamba", "all"])
+def test_channels_last_with_activation_checkpointing(mode):
+    """The two memory/speed settings combine (3_train.py --activation_checkpointing on CUDA, where channels-last
+    is the default): recomputed blocks give the same logits and gradients and stay channels-last."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 4, 32, 32, 32)
+    y = torch.randint(0, 3, (2, 32, 32, 32))
+    plain = use_channels_last(small_segmamba().train())
+    ckpt = use_channels_last(small_segmamba().train())
+    ckpt.set_activation_checkpointing(mode)
+    logits_a, grads_a = run(plain, x, y)
+    logits_b, grads_b = run(ckpt, x, y)
+    assert is_channels_last_3d(logits_b)
+    torch.testing.assert_close(logits_b, logits_a, rtol=0, atol=0)
+    assert global_distance(grads_b, grads_a) < 1e-6
+
+
 def test_setting_resolution():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert should_use_channels_last("auto", cuda, compiled=True)
