@@ -7,12 +7,7 @@ import importlib
 import pytest
 import torch
 
-from model_segmamba import SegMamba
-
-
-def small_segmamba():
-    torch.manual_seed(0)
-    return SegMamba(4, 3, feat_size=(8, 16, 32, 64), hidden_size=64)
+from _small_models import relative_distance, small_segmamba
 
 
 def step(model, x, y):
@@ -95,8 +90,7 @@ def test_train_script_flag():
 def gradient_distance(grads, reference):
     """‖grads − reference‖ / ‖reference‖ over all parameters together, as one vector."""
     assert grads.keys() == reference.keys()
-    delta = torch.cat([(grads[n] - reference[n]).flatten().double() for n in reference])
-    return (delta.norm() / torch.cat([g.flatten().double() for g in reference.values()]).norm()).item()
+    return relative_distance([grads[n] for n in reference], list(reference.values()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the kernels run again in the backward pass)")

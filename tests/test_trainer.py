@@ -21,6 +21,7 @@ from light_training.prediction import SlidingWindowConfig
 from light_training.trainer import (BEST_CHECKPOINT, FINAL_CHECKPOINT, NonFiniteTrainingError, SegmentationLoss,
                                     Trainer, TrainerConfig, TrainingSetupError, WholeVolumeValidator,
                                     nanmean_metrics)
+from model_segmamba.channels_last import is_channels_last_3d
 
 PATCH = (8, 8, 8)
 
@@ -251,8 +252,7 @@ def test_channels_last_training_matches_default_layout_and_checkpoints_load_anyw
     for setting in ("off", "on"):
         model = tiny_model()
         layouts = []  # whether the first convolution's (4-channel) output was channels-last, per step
-        model[0].register_forward_hook(lambda m, i, out: layouts.append(
-            out.is_contiguous(memory_format=torch.channels_last_3d) and not out.is_contiguous()))
+        model[0].register_forward_hook(lambda m, i, out: layouts.append(is_channels_last_3d(out)))
         trainer = Trainer(model, config(tmp_path / setting, channels_last=setting), ToyBatchStream())
         assert trainer.channels_last is (setting == "on")
         trainer.fit()
