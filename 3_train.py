@@ -40,6 +40,7 @@ LOSS = "ce"                                   # ce (as the reference) or dice_ce
 AMP = "fp16"                                  # CUDA autocast dtype: fp16, bf16 or none (CPU: always fp32)
 COMPILE = "auto"                              # torch.compile: auto (on CUDA; ~1.4x faster steps), on, off
 CHANNELS_LAST = "auto"                        # channels-last 3D activations: auto (= with compile on CUDA), on, off
+CUDA_GRAPHS = "auto"                          # replay each training step from a CUDA graph: auto (CUDA, 1 GPU), on, off
 ACTIVATION_CHECKPOINTING = "off"              # off, mamba (~3.7 GiB less, ~17% slower), full_res, all: see README
 NUM_WORKERS = 8                               # patch-loading processes per GPU
 SEED = 42
@@ -88,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep activations channels-last (NDHWC) so cuDNN's convolutions need no layout conversions; same "
              "results, ~12%% faster compiled steps on an H200; auto = when compiled on CUDA (without compiling "
              f"it needs about twice the memory) (default: {CHANNELS_LAST})")
+    add("--cuda_graphs", choices=["auto", "on", "off"], default=CUDA_GRAPHS,
+        help="capture the forward pass, loss and backward pass of a training step once as a CUDA graph and replay "
+             "it, so the GPU never waits for Python (same results; batch 2 x 128^3 on an H200, compiled, "
+             "channels-last: 158 -> 141 ms per step); auto = on CUDA with one GPU (default: "
+             f"{CUDA_GRAPHS})")
     add("--activation_checkpointing", nargs="?", const="mamba", choices=list(CHECKPOINT_DESCRIPTIONS),
         default=ACTIVATION_CHECKPOINTING,
         help="recompute blocks in the backward pass instead of keeping their activations (same results, less "
@@ -213,7 +219,7 @@ def train(args: argparse.Namespace, context) -> int:
                            deterministic=args.deterministic, max_consecutive_nonfinite=args.max_nonfinite_steps,
                            selection_key="mean_dice", progress_bar=not args.no_progress,
                            tensorboard=not args.no_tensorboard, compile=args.compile,
-                           channels_last=args.channels_last)
+                           channels_last=args.channels_last, cuda_graphs=args.cuda_graphs)
     run_settings = {key: (list(value) if isinstance(value, tuple) else value) for key, value in vars(args).items()}
     trainer = Trainer(model, config, batches, loss_fn=SegmentationLoss(args.loss), validator=validator,
                       context=context, model_config=model_config, run_settings=run_settings)

@@ -8,6 +8,11 @@ or the data beyond two hooks a subclass may override:
 * :meth:`Trainer.training_step` — batch → scalar loss (default: ``loss_fn(model(batch["data"]), batch["seg"])``);
 * a :class:`Validator` — model → metric dict per validation case, plus the key used for model selection.
 
+On CUDA in a single process (``TrainerConfig.cuda_graphs``) the forward pass, the loss and the backward pass
+of each batch are replayed from a CUDA graph (:class:`light_training.cuda_graphs.GraphedTrainingStep`); a
+subclass that overrides ``training_step`` trains without (it may override ``batch_tensors`` /
+``compute_loss`` instead and keep them).
+
 Under ``torchrun`` every process runs the same loop on its own shard of the patch stream (seeded by rank);
 DDP averages gradients, validation cases are split over ranks and gathered, and only rank 0 writes files.
 
@@ -38,10 +43,12 @@ from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, capture_rng_state, 
 from .distributed import DistributedContext, all_gather_objects, all_reduce_mean
 from .lr_scheduler import PolyLRScheduler
 from .compile import CHOICES as COMPILE_CHOICES, compile_network, should_compile
+from .cuda_graphs import GraphedTrainingStep
 from .prediction import SlidingWindowConfig, SlidingWindowPredictor, labels_from_probabilities
 from .progress import TrainingHistory, plot_progress, setup_logging
 from .utils.files import remove_stale_temporaries
 
+CUDA_GRAPHS_CHOICES = ("auto", "on", "off")
 BEST_CHECKPOINT = "best_model.pt"
 FINAL_CHECKPOINT = "final_model.pt"
 
@@ -84,6 +91,7 @@ class TrainerConfig:
     progress_bar: bool = True
     compile: str = "off"  # torch.compile the network: auto (CUDA only), on, off (light_training.compile)
     channels_last: str = "auto"  # channels-last 3D activations: auto (= when compiled on CUDA), on, off
+    cuda_graphs: str = "off"  # replay forward+loss+backward from CUDA graphs: auto (CUDA, one process), on, off
 
     def __post_init__(self) -> None:
         if self.amp_dtype not in ("fp16", "bf16", "none"):
@@ -93,6 +101,9 @@ class TrainerConfig:
         if self.channels_last not in CHANNELS_LAST_CHOICES:
             raise ValueError(f"channels_last must be one of {', '.join(CHANNELS_LAST_CHOICES)}, "
                              f"got {self.channels_last!r}")
+        if self.cuda_graphs not in CUDA_GRAPHS_CHOICES:
+            raise ValueError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPHS_CHOICES)}, "
+                             f"got {self.cuda_graphs!r}")
         if self.selection_mode not in ("max", "min"):
             raise ValueError(f"selection_mode must be max or min, got {self.selection_mode!r}")
         for name in ("max_epochs", "iterations_per_epoch", "val_every", "save_every", "max_consecutive_nonfinite"):
@@ -262,6 +273,14 @@ class Trainer:
         self.scheduler = self.build_scheduler(self.optimizer, self.total_steps)
         self.use_cuda_amp = self.device.type == "cuda" and config.amp_dtype != "none"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_cuda_amp and config.amp_dtype == "fp16")
+        self.cuda_graphs = self._resolve_cuda_graphs()
+        self._graphed_step: Optional[GraphedTrainingStep] = None
+        if self.cuda_graphs:
+            self._graphed_step = GraphedTrainingStep(
+                self.compute_loss, self.model.parameters(), scale=self.scaler.scale,
+                autocast=lambda: self._autocast(cache_enabled=False), say=self.logger.warning)
+            self.logger.info("training steps replayed from CUDA graphs: forward, loss and backward captured once per "
+                             "batch shape (--cuda_graphs off to disable)")
 
         self.epoch = -1                 # last completed epoch
         self.global_step = 0
@@ -285,9 +304,21 @@ class Trainer:
         return PolyLRScheduler(optimizer, total_steps=total_steps, exponent=self.config.poly_exponent)
 
     def training_step(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Forward one batch and return the scalar loss (runs inside autocast on CUDA)."""
+        """Forward one batch and return the scalar loss (runs inside autocast on CUDA).
+
+        A subclass that overrides this hook trains without CUDA graphs (``cuda_graphs``); one that overrides
+        :meth:`batch_tensors` / :meth:`compute_loss` instead keeps them (``compute_loss`` must then not
+        synchronise with the host)."""
+        return self.compute_loss(*self.batch_tensors(batch))
+
+    def batch_tensors(self, batch: Mapping[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The batch's network input (float32) and target on the training device."""
         data = torch.as_tensor(batch["data"]).to(self.device, non_blocking=True).float()
         target = torch.as_tensor(batch["seg"]).to(self.device, non_blocking=True)
+        return data, target
+
+    def compute_loss(self, data: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Scalar loss of the network on one batch of device tensors."""
         return self.loss_fn(self.network(data), target)
 
     def on_epoch_end(self, epoch: int) -> None:
@@ -298,10 +329,30 @@ class Trainer:
     def _is_main(self) -> bool:
         return self.context.is_main_process
 
-    def _autocast(self):
+    def _autocast(self, cache_enabled: bool = True):
         if self.use_cuda_amp:
-            return torch.autocast("cuda", dtype=torch.float16 if self.config.amp_dtype == "fp16" else torch.bfloat16)
+            return torch.autocast("cuda", dtype=torch.float16 if self.config.amp_dtype == "fp16" else torch.bfloat16,
+                                  cache_enabled=cache_enabled)
         return nullcontext()
+
+    def _resolve_cuda_graphs(self) -> bool:
+        """Whether training steps go through CUDA graphs: ``cuda_graphs`` on/auto and nothing against it."""
+        setting = self.config.cuda_graphs
+        if setting == "off":
+            return False
+        why_not = None
+        if self.device.type != "cuda":
+            why_not = "they need a CUDA device"
+        elif self.context.is_distributed:
+            why_not = "not under DistributedDataParallel (its gradient all-reduce runs inside the backward pass)"
+        elif type(self).training_step is not Trainer.training_step:
+            why_not = f"{type(self).__name__} overrides training_step"
+        if why_not is None:
+            return True
+        if setting == "on" or self.device.type == "cuda":
+            (self.logger.warning if setting == "on" else self.logger.info)(
+                f"CUDA graphs for training steps not used: {why_not}")
+        return False
 
     def _configure_determinism(self) -> Callable[[], None]:
         """Apply the determinism settings; returns a function restoring the previous global settings."""
@@ -500,14 +551,18 @@ class Trainer:
         for _ in range(self.steps_per_epoch):
             batch = self._next_batch()
             self.optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
-                loss = self.training_step(batch)
+            if self._graphed_step is not None:  # forward, loss and the scaled backward pass in one replay
+                loss = self._graphed_step(*self.batch_tensors(batch))
+            else:
+                with self._autocast():
+                    loss = self.training_step(batch)
             loss_is_finite = bool(torch.isfinite(loss.detach()).all())
             if self._any_rank(not loss_is_finite):
                 self._register_nonfinite(f"loss {loss.item() if loss.numel() == 1 else 'tensor'}")
                 skipped += 1
             else:
-                self.scaler.scale(loss).backward()
+                if self._graphed_step is None:
+                    self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip_norm)
                 if not bool(torch.isfinite(grad_norm)):  # identical on every rank: gradients are all-reduced
