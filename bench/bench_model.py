@@ -13,7 +13,12 @@ with and without 8-way mirror TTA. Prints a table and writes JSON.
 A ``+compile`` suffix runs the model through light_training.compile (torch.compile, as the scripts' --compile
 does); ``+cl`` uses channels-last 3D tensors; ``+ckpt`` / ``+ckptm`` / ``+ckptall`` train with SegMamba's
 activation checkpointing of the full-resolution blocks / the Mamba layers / both; ``+graph`` times only
-inference, replayed from a CUDA graph (light_training.cuda_graphs, as 4_predict.py --cuda_graphs does).
+inference, replayed from a CUDA graph (light_training.cuda_graphs, as 4_predict.py --cuda_graphs does);
+``+tgraph`` replays the training step's forward, loss and backward from a CUDA graph (GraphedTrainingStep, as
+3_train.py --cuda_graphs does; optimiser eager) and inference from a graph too, and its peak memory includes
+the capture. ``+ambNN`` sets Inductor's activation memory budget to NN % (light_training.compile's
+``memory_budget``: the compiled regions recompute cheap operations in the backward pass instead of keeping
+their outputs).
 ``--sw_graphs`` also times the sliding window with CUDA graphs (and with --sw_compile, compiled and graphed).
 """
 import argparse
@@ -59,6 +64,10 @@ def apply_variant(model, x, variant):
     if "cl" in variant:  # what the scripts' --channels_last does
         from model_segmamba.channels_last import channels_last_input, use_channels_last
         model, x = use_channels_last(model), channels_last_input(x)
+    budget = next((int(v[3:]) / 100 for v in variant if v.startswith("amb")), None)
+    if budget is not None:  # experiment: Inductor's activation memory budget (recompute instead of saving)
+        import torch._functorch.config as functorch_config
+        functorch_config.activation_memory_budget = budget
     eager = next((COMPILE_VARIANTS[v] for v in variant if v in COMPILE_VARIANTS), None)
     if eager is not None:  # exactly what the training and prediction scripts do with --compile
         from light_training.compile import compile_network
@@ -75,22 +84,34 @@ def bench_one(name, amp, repeat):
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
     x = torch.randn(2, 4, 128, 128, 128, device="cuda")
     model, x, compiled = apply_variant(model, x, variant)
-    graphed = "graph" in variant  # inference only
-    if compiled and not graphed:  # compile (train graph) once before timing, and report how long it took
+    train_graph = "tgraph" in variant  # training step (and inference) from CUDA graphs
+    graphed = "graph" in variant or train_graph  # inference from a CUDA graph
+    if (compiled and not graphed) or train_graph:  # compile (train graph) and let cuDNN autotune once before
+        # timing (and before a capture), and report how long it took
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=dtype):
             F.cross_entropy(model(x), torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.long, device="cuda")).backward()
         torch.cuda.synchronize()
-        print(f"{name}: first train step (compile) {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"{name}: first train step (compile, autotuning) {time.perf_counter() - t0:.1f} s", flush=True)
+        model.zero_grad(set_to_none=True)
     y = torch.randint(0, 4, (2, 128, 128, 128), device="cuda")
     opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
     scaler = torch.amp.GradScaler("cuda", enabled=(amp == "fp16"))
+    graphed_step = None
+    if train_graph:
+        from light_training.cuda_graphs import GraphedTrainingStep
+        graphed_step = GraphedTrainingStep(lambda a, b: F.cross_entropy(model(a), b), model.parameters(),
+                                           scale=scaler.scale, say=print,
+                                           autocast=lambda: torch.autocast("cuda", dtype=dtype, cache_enabled=False))
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=dtype):
-            loss = F.cross_entropy(model(x), y)
-        scaler.scale(loss).backward()
+        if graphed_step is not None:
+            graphed_step(x, y)
+        else:
+            with torch.autocast("cuda", dtype=dtype):
+                loss = F.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 12)
         scaler.step(opt)
@@ -98,10 +119,24 @@ def bench_one(name, amp, repeat):
 
     slow = force_pytorch
     t_train = m_train = None
-    if not graphed:
+    if train_graph:  # the capture (first step) allocates the graph's memory: count it in the peak
+        model.train()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        capture_peak = torch.cuda.max_memory_allocated() / 2**30
+        print(f"{name}: second train step (3 warm-up passes, capture) {time.perf_counter() - t0:.1f} s", flush=True)
+        t_train, m_train = cuda_timed(step, 3, repeat)
+        m_train = max(m_train, capture_peak)
+        if not graphed_step.replays:
+            print(f"{name}: no training-step CUDA graph was replayed (capture failed?)", flush=True)
+    elif not graphed:
         model.train()
         t_train, m_train = cuda_timed(step, 1 if slow else 3, 3 if slow else repeat)
-    del opt, scaler
+    del opt, scaler, graphed_step
+    model.zero_grad(set_to_none=True)  # the gradients of a graphed step live in the graph's memory pool
     x1 = x[:1].contiguous(memory_format=torch.channels_last_3d if "cl" in variant else torch.contiguous_format)
     model.eval()
 
