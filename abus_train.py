@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the network (auto: on CUDA only; the first step takes 1-2 min longer)")
     add("--channels_last", choices=["auto", "on", "off"], default="auto",
         help="channels-last (NDHWC) activations, faster convolutions, same results (auto: when compiled on CUDA)")
+    add("--compile_memory_budget", type=float, default=1.0, metavar="F",
+        help="with --compile: Inductor's activation memory budget in (0, 1]; below 1 cheap operations are recomputed "
+             "in the backward pass instead of kept (less memory, slightly slower steps; default: 1.0)")
     add("--cuda_graphs", choices=["auto", "on", "off"], default="auto",
         help="replay each training step (forward, loss, backward) from a CUDA graph; same results, faster "
              "(auto: on CUDA with one GPU)")
@@ -82,6 +85,8 @@ def check_settings(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if not 0.0 <= args.oversample_foreground <= 1.0:
         raise ValueError(f"--oversample_foreground must be in [0, 1], got {args.oversample_foreground}")
+    if not 0.0 < args.compile_memory_budget <= 1.0:
+        raise ValueError(f"--compile_memory_budget must be in (0, 1], got {args.compile_memory_budget}")
 
 
 def lesion_dice(prediction, ground_truth) -> dict:
@@ -136,7 +141,7 @@ def train(args: argparse.Namespace, context) -> int:
                            deterministic=args.deterministic, selection_key="mean_dice",
                            max_consecutive_nonfinite=args.max_nonfinite_steps, progress_bar=not args.no_progress,
                            compile=args.compile, channels_last=args.channels_last,
-                           cuda_graphs=args.cuda_graphs)
+                           cuda_graphs=args.cuda_graphs, compile_memory_budget=args.compile_memory_budget)
     # Kept in the checkpoint: abus_seg_box_eval.py takes the training patch as its window from here.
     run_settings = {key: (list(value) if isinstance(value, tuple) else value) for key, value in vars(args).items()}
     trainer = Trainer(model, config, batches, loss_fn=SegmentationLoss("dice_ce"), validator=validator,

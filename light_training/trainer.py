@@ -42,7 +42,7 @@ from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, capture_rng_state, 
                          restore_rng_state, save_checkpoint_atomic, tensors_are_finite)
 from .distributed import DistributedContext, all_gather_objects, all_reduce_mean
 from .lr_scheduler import PolyLRScheduler
-from .compile import CHOICES as COMPILE_CHOICES, compile_network, should_compile
+from .compile import CHOICES as COMPILE_CHOICES, check_memory_budget, compile_network, should_compile
 from .cuda_graphs import GraphedTrainingStep
 from .prediction import SlidingWindowConfig, SlidingWindowPredictor, labels_from_probabilities
 from .progress import TrainingHistory, plot_progress, setup_logging
@@ -92,6 +92,7 @@ class TrainerConfig:
     compile: str = "off"  # torch.compile the network: auto (CUDA only), on, off (light_training.compile)
     channels_last: str = "auto"  # channels-last 3D activations: auto (= when compiled on CUDA), on, off
     cuda_graphs: str = "off"  # replay forward+loss+backward from CUDA graphs: auto (CUDA, one process), on, off
+    compile_memory_budget: float = 1.0  # (0, 1]: Inductor's activation memory budget when compiled (compile.py)
 
     def __post_init__(self) -> None:
         if self.amp_dtype not in ("fp16", "bf16", "none"):
@@ -101,6 +102,7 @@ class TrainerConfig:
         if self.channels_last not in CHANNELS_LAST_CHOICES:
             raise ValueError(f"channels_last must be one of {', '.join(CHANNELS_LAST_CHOICES)}, "
                              f"got {self.channels_last!r}")
+        check_memory_budget(self.compile_memory_budget)
         if self.cuda_graphs not in CUDA_GRAPHS_CHOICES:
             raise ValueError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPHS_CHOICES)}, "
                              f"got {self.cuda_graphs!r}")
@@ -265,7 +267,8 @@ class Trainer:
         if self.channels_last:  # before compiling, so the compiled graphs see the final layout
             use_channels_last(self.model)
             self.logger.info("channels-last 3D activations (--channels_last off to disable)")
-        self.compiled = compile_network(self.model, config.compile, self.device, say=self.logger.info)
+        self.compiled = compile_network(self.model, config.compile, self.device, say=self.logger.info,
+                                        memory_budget=config.compile_memory_budget)
 
         self.steps_per_epoch = max(1, config.iterations_per_epoch // self.context.world_size)
         self.total_steps = config.max_epochs * self.steps_per_epoch
