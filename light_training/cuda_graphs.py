@@ -126,7 +126,8 @@ class GraphedTrainingStep:
     eager ``optimizer.zero_grad(); scale(loss).backward()``; unscaling, clipping and the optimiser step are the
     caller's (eager) business. The gradients are written into buffers owned by the graph: the step re-attaches
     them to the parameters before each replay, so ``optimizer.zero_grad(set_to_none=True)`` between calls is
-    harmless, and gradients are never accumulated across calls (each call overwrites them).
+    harmless, and gradients are never accumulated across calls (each call overwrites them). A captured graph
+    keeps a step's activation memory until :meth:`release`.
 
     First call for a new set of input shapes: ``warmup`` eager forward/backward passes on a side stream (lazy
     initialisation, cuDNN autotuning, ``torch.compile``'s compilation; their gradients are discarded), the
@@ -191,6 +192,21 @@ class GraphedTrainingStep:
         self.replays += 1
         return entry.static_loss.clone()
 
+    def release(self) -> None:
+        """Drop every captured graph and the gradients held in their memory (the parameters' ``.grad`` become
+        None) and return that memory to the GPU, e.g. so that validation can use it; the next call captures
+        again (warm-up included). Shapes whose capture failed stay eager."""
+        captured = [key for key, entry in self.graphs.items() if entry is not None]
+        if not captured:
+            return
+        for key in captured:
+            del self.graphs[key]
+        self._clear_grads()
+        self.pool = None
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
     def _capture(self, key: TrainKey, inputs: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         device = inputs[0].device
         try:
@@ -202,6 +218,11 @@ class GraphedTrainingStep:
                     self._eager(*static_inputs)
             torch.cuda.current_stream(device).wait_stream(side)
             self._clear_grads()  # the captured backward then assigns fresh gradient buffers (no accumulation)
+            # The warm-up's activations stay cached for the side stream, where nothing else can reuse them;
+            # hand them back before the capture allocates the same amount again in the graph's own pool
+            # (otherwise a step needs twice its memory once, e.g. 2 x 13.7 GiB for SegMamba at 2 x 128^3).
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
             graph = torch.cuda.CUDAGraph()
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()

@@ -511,7 +511,10 @@ class Trainer:
                               final_checkpoint=latest if latest.is_file() else None)
 
     def close(self) -> None:
-        """Close the TensorBoard writer (fit() leaves it open so a caller may log more)."""
+        """Close the TensorBoard writer (fit() leaves it open so a caller may log more) and free the memory of
+        the training step's CUDA graphs."""
+        if self._graphed_step is not None:
+            self._graphed_step.release()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -640,6 +643,8 @@ class Trainer:
         return value > self.best_metric if self.config.selection_mode == "max" else value < self.best_metric
 
     def _validate_and_select(self, epoch: int) -> None:
+        if self._graphed_step is not None:  # validation gets the graph's memory; the next step captures again
+            self._graphed_step.release()
         started = time.time()
         metrics = self.validate()
         key = self.config.selection_key

@@ -3,11 +3,14 @@
 
 CPU: the setting is validated, resolves to "not used" without CUDA (with a warning for "on"), and training is
 then exactly the ordinary loop; a GraphedTrainingStep given CPU tensors is a plain forward/backward.
+The trainer's graphed branch, driven on the CPU (where the step runs eagerly), trains to exactly the weights
+of the ordinary loop and releases the step's graphs before every validation and at close().
 GPU (skipped without CUDA): gradients and losses replayed from the graph equal an eager forward/backward of the
 same network on fresh batches after the capture (fp32, and fp16 with a GradScaler), also after
-``zero_grad(set_to_none=True)``; a second batch shape gets its own graph; a loss that synchronises with the
-host cannot be captured and falls back to eager results, saying so; a Trainer with cuda_graphs="on" trains to
-the same weights as one without, and a Trainer subclass with its own training_step does not use graphs.
+``zero_grad(set_to_none=True)``; a second batch shape gets its own graph; release() returns the memory and the
+next call captures again; a loss that synchronises with the host cannot be captured and falls back to eager
+results, saying so; a Trainer with cuda_graphs="on" trains to the same weights as one without, and a Trainer
+subclass with its own training_step does not use graphs.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from _small_models import relative_distance, small_segmamba
 from light_training.cuda_graphs import GraphedTrainingStep
 from light_training.distributed import DistributedContext
 from light_training.trainer import SegmentationLoss, Trainer, TrainerConfig
-from test_trainer import ToyBatchStream, config, tiny_model
+from test_trainer import ScriptedValidator, ToyBatchStream, config, tiny_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -62,6 +65,44 @@ def test_graphed_step_on_cpu_tensors_is_a_plain_forward_backward():
     assert torch.equal(loss, reference.detach()) and step.graphs == {}
     for g, p in zip(grads, model.parameters()):
         assert torch.equal(g, p.grad)
+
+
+class CountingStep(GraphedTrainingStep):
+    releases = 0
+
+    def release(self):
+        CountingStep.releases += 1
+        super().release()
+
+
+def test_trainer_loop_with_a_graphed_step_trains_like_the_ordinary_loop_and_releases_before_validation(tmp_path):
+    """The trainer's graphed branch (backward inside the step, not again after it), driven on the CPU where the
+    step runs eagerly: same weights as the ordinary loop, exactly; the step's graphs are released before each
+    validation (so validation gets their memory) and at close()."""
+    runs = {}
+    for graphed in (False, True):
+        trainer = Trainer(tiny_model(), config(tmp_path / str(graphed)), ToyBatchStream(),
+                          validator=ScriptedValidator([0.1, 0.2]))
+        if graphed:
+            trainer._graphed_step = CountingStep(trainer.compute_loss, trainer.model.parameters(),
+                                                 scale=trainer.scaler.scale, autocast=trainer._autocast)
+        trainer.fit()
+        assert CountingStep.releases == (2 if graphed else 0)  # val_every=1, two epochs
+        trainer.close()
+        runs[graphed] = trainer.model.state_dict()
+    assert CountingStep.releases == 3
+    for name, tensor in runs[False].items():
+        assert torch.equal(runs[True][name], tensor), name
+
+
+def test_release_without_graphs_leaves_gradients_alone():
+    model = tiny_model()
+    step = GraphedTrainingStep(lambda x, y: F.cross_entropy(model(x), y), model.parameters())
+    x = torch.randn(2, 1, 8, 8, 8)
+    step(x, (x > 0).long()[:, 0])
+    grads = [p.grad for p in model.parameters()]
+    step.release()
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
 
 
 @pytest.mark.parametrize("script", ["3_train", "abus_train"])
@@ -137,6 +178,25 @@ def test_second_batch_shape_gets_its_own_graph_and_both_stay_right():
         _, reference = eager_step(model, loss_of, lambda t: t, torch.enable_grad, x, y)
         assert relative_distance(graphed, reference) <= 1e-4
     assert len(step.graphs) == 2 and all(g is not None for g in step.graphs.values()) and step.replays == 2
+
+
+@cuda
+def test_release_returns_the_graph_memory_and_the_next_call_captures_again():
+    model = small_segmamba().cuda().train()
+    loss_of = segmamba_loss(model)
+    step = GraphedTrainingStep(loss_of, model.parameters())
+    (x0, y0), (x1, y1), (x2, y2) = batches(3, seed=5)
+    step(x0, y0)
+    step(x1, y1)
+    reserved = torch.cuda.memory_reserved()
+    step.release()
+    assert step.graphs == {} and all(p.grad is None for p in model.parameters())
+    assert torch.cuda.memory_reserved() < reserved
+    step(x2, y2)  # captures again
+    graphed = [p.grad.clone() for p in model.parameters()]
+    _, reference = eager_step(model, loss_of, lambda t: t, torch.enable_grad, x2, y2)
+    assert relative_distance(graphed, reference) <= 1e-4
+    assert len(step.graphs) == 1 and step.replays == 1
 
 
 @cuda
