@@ -179,6 +179,9 @@ class GraphedTrainingStep:
         if key not in self.graphs:
             if len([g for g in self.graphs.values() if g is not None]) >= self.max_graphs:
                 self.graphs[key] = None
+                shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+                self.say(f"training inputs {shapes}: already {self.max_graphs} batch shapes captured as CUDA "
+                         "graphs; this one trains without (same results, slower)")
             else:
                 return self._capture(key, inputs)
         entry = self.graphs[key]
