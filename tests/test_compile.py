@@ -152,12 +152,14 @@ def _relative(a, b):
 
 @needs_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("eager_part, channels_last", [("block", False), ("scan", False), ("block", True)])
-def test_compiled_segmamba_matches_eager_on_gpu(eager_part, channels_last):
+@pytest.mark.parametrize("eager_part, channels_last, memory_budget",
+                         [("block", False, 1.0), ("scan", False, 1.0), ("block", True, 1.0), ("block", True, 0.5)])
+def test_compiled_segmamba_matches_eager_on_gpu(eager_part, channels_last, memory_budget, restore_memory_budget):
     """Compiled float32 SegMamba vs a float64 copy (the oracle): output and every gradient may be at most
     twice as far from it as the eager float32 network is (plus a floor), so compilation never costs
     accuracy; then fp16-autocast inference of compiled vs eager. ``channels_last``: the compiled network
-    also runs with channels-last activations (what --compile does by default on CUDA)."""
+    also runs with channels-last activations (what --compile does by default on CUDA); ``memory_budget`` 0.5:
+    Inductor recomputes instead of keeping activations (--compile_memory_budget)."""
     dev = torch.device("cuda")
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -167,7 +169,8 @@ def test_compiled_segmamba_matches_eager_on_gpu(eager_part, channels_last):
         compiled = copy.deepcopy(eager)
         if channels_last:
             use_channels_last(compiled)
-        assert compile_network(compiled, "on", dev, say=lambda _: None, eager=eager_part)
+        assert compile_network(compiled, "on", dev, say=lambda _: None, eager=eager_part,
+                               memory_budget=memory_budget)
         torch._dynamo.reset()  # each case compiles afresh
         x = torch.randn(2, 4, 64, 64, 64, device=dev)
         y = torch.randint(0, 4, (2, 64, 64, 64), device=dev)
