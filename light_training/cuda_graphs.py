@@ -30,6 +30,24 @@ import torch
 Key = Tuple[Tuple[int, ...], torch.dtype, torch.device]
 
 
+def _warm_up(run: Callable[[], Any], times: int, device: torch.device) -> Any:
+    """Call ``run`` ``times`` times on a side stream (warm-up must happen off the capture stream, as CUDA graphs
+    require) and return its last result. Then hand the memory those runs left cached for the side stream,
+    where nothing else can reuse it, back to the GPU: the capture allocates about as much again in the graph's
+    own pool (else the first capture needs the pass's memory twice, e.g. 2 x 13.7 GiB for a SegMamba training
+    step at 2 x 128^3)."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    result = None
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            result = run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    return result
+
+
 class _Graph:
     def __init__(self, graph: "torch.cuda.CUDAGraph", static_in: torch.Tensor, static_out: torch.Tensor) -> None:
         self.graph, self.static_in, self.static_out = graph, static_in, static_out
@@ -80,12 +98,7 @@ class GraphedForward:
         """Warm up, capture and return the output for ``x``; on failure mark the shape eager."""
         try:
             static_in = x.clone()
-            side = torch.cuda.Stream(device=x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs require
-                for _ in range(2):
-                    out = self.model(static_in)
-            torch.cuda.current_stream(x.device).wait_stream(side)
+            out = _warm_up(lambda: self.model(static_in), 2, x.device)
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"the network returned {type(out).__name__}, not one tensor")
             del out
@@ -206,26 +219,15 @@ class GraphedTrainingStep:
             del self.graphs[key]
         self._clear_grads()
         self.pool = None
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+        torch.cuda.synchronize()  # (graphs exist only where CUDA does)
+        torch.cuda.empty_cache()
 
     def _capture(self, key: TrainKey, inputs: Tuple[torch.Tensor, ...]) -> torch.Tensor:
         device = inputs[0].device
         try:
             static_inputs = tuple(t.clone() for t in inputs)  # clone keeps the memory layout
-            side = torch.cuda.Stream(device=device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs require
-                for _ in range(self.warmup):
-                    self._eager(*static_inputs)
-            torch.cuda.current_stream(device).wait_stream(side)
+            _warm_up(lambda: self._eager(*static_inputs), self.warmup, device)
             self._clear_grads()  # the captured backward then assigns fresh gradient buffers (no accumulation)
-            # The warm-up's activations stay cached for the side stream, where nothing else can reuse them;
-            # hand them back before the capture allocates the same amount again in the graph's own pool
-            # (otherwise a step needs twice its memory once, e.g. 2 x 13.7 GiB for SegMamba at 2 x 128^3).
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
             graph = torch.cuda.CUDAGraph()
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
