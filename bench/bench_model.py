@@ -64,14 +64,12 @@ def apply_variant(model, x, variant):
     if "cl" in variant:  # what the scripts' --channels_last does
         from model_segmamba.channels_last import channels_last_input, use_channels_last
         model, x = use_channels_last(model), channels_last_input(x)
-    budget = next((int(v[3:]) / 100 for v in variant if v.startswith("amb")), None)
-    if budget is not None:  # experiment: Inductor's activation memory budget (recompute instead of saving)
-        import torch._functorch.config as functorch_config
-        functorch_config.activation_memory_budget = budget
+    # Inductor's activation memory budget, as --compile_memory_budget (only with +compile)
+    budget = next((int(v[3:]) / 100 for v in variant if v.startswith("amb")), 1.0)
     eager = next((COMPILE_VARIANTS[v] for v in variant if v in COMPILE_VARIANTS), None)
     if eager is not None:  # exactly what the training and prediction scripts do with --compile
         from light_training.compile import compile_network
-        compile_network(model, "on", x.device, say=print, eager=eager)
+        compile_network(model, "on", x.device, say=print, eager=eager, memory_budget=budget)
     return model, x, eager is not None
 
 

@@ -19,7 +19,8 @@ norms and activations, instead of keeping their outputs). Measured on an H200 (b
 compiled, channels-last, CUDA-graphed training step, ``bench/bench_model.py`` ``+amb50``): 0.5 took the peak
 from 13.7 to 11.6 GiB for 146.5 instead of 142.6 ms per step, a cheaper way under 12 GiB than activation
 checkpointing of the Mamba layers (10.1 GiB at 161.5 ms). It is a process-wide Inductor setting, read when a
-graph is compiled.
+graph is compiled; each :func:`compile_network` call sets it (1 included), so a network compiled later in the
+same process does not inherit an earlier network's budget.
 
 Settings: ``"auto"`` compiles on CUDA and not on the CPU (Inductor's CPU compile of this network takes
 minutes and gains little there), ``"on"`` always, ``"off"`` never. The environment variable
@@ -76,7 +77,7 @@ def compile_network(model: torch.nn.Module, setting: str, device: torch.device,
     53.0 ms, ``"block"`` 35.7 ms; training steps were the same (200.5 vs 200.9 ms).
 
     ``memory_budget`` (0, 1]: Inductor's activation memory budget for the compiled regions (module docstring);
-    1 leaves Inductor's default.
+    1 is Inductor's default (keep what its partitioner would keep).
 
     ``say`` receives one line describing what happened (default: the ``light_training`` logger)."""
     say = say or logging.getLogger("light_training").info
@@ -101,13 +102,13 @@ def compile_network(model: torch.nn.Module, setting: str, device: torch.device,
     _raise_recompile_limit()
     torch._dynamo.config.suppress_errors = True
     budget_note = ""
-    if budget < 1.0:
-        import torch._functorch.config as functorch_config
-        if hasattr(functorch_config, "activation_memory_budget"):
-            functorch_config.activation_memory_budget = budget
+    import torch._functorch.config as functorch_config
+    if hasattr(functorch_config, "activation_memory_budget"):
+        functorch_config.activation_memory_budget = budget
+        if budget < 1.0:
             budget_note = f"; activation memory budget {budget:g} (cheap operations recomputed in the backward pass)"
-        else:  # pragma: no cover - torch < 2.4
-            say(f"compile memory budget {budget:g} ignored: this torch has no activation memory budget")
+    elif budget < 1.0:  # pragma: no cover - torch < 2.4
+        say(f"compile memory budget {budget:g} ignored: this torch has no activation memory budget")
     model.compile()
     what = "their scans" if eager == "scan" else "they"
     say(f"torch.compile: network compiled in place ({eager_blocks} Mamba blocks; {what} stay eager{budget_note}); "

@@ -80,6 +80,9 @@ def test_memory_budget_is_checked_and_set_only_when_compiling(restore_memory_bud
     assert compile_network(small_segmamba(), "on", torch.device("cpu"), say=lines.append, memory_budget=0.5)
     assert functorch_config.activation_memory_budget == 0.5
     assert len(lines) == 1 and "activation memory budget 0.5" in lines[0]
+    # a network compiled later in the process gets its own budget, not the earlier one's
+    assert compile_network(small_segmamba(), "on", torch.device("cpu"), say=lines.append)
+    assert functorch_config.activation_memory_budget == 1.0 and "memory budget" not in lines[1]
 
 
 @pytest.mark.parametrize("script", ["3_train", "abus_train"])
