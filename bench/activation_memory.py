@@ -2,16 +2,19 @@
 counted on the meta device (no data, no GPU, a few seconds on a CPU).
 
     python bench/activation_memory.py [--batch 2] [--size 128] [--depth 3] [--top 25]
-        [--checkpointing off|mamba|full_res|all]
+        [--checkpointing off|mamba|full_res|all] [--composed]
 
 Every tensor saved for backward is counted once (by storage) and charged to the innermost module running
 when it was saved. Sizes are as the meta trace makes them, i.e. float32: under fp16 autocast the outputs of
 convolutions and projections are half as large, while instance norms run in float32.
 
-The compiled kernels cannot run on the meta device, so the causal conv1d and the selective scan are replaced
-by stand-ins that keep what the kernels' autograd functions keep: the conv its input (x, a channel slice of
-xz) and weights; the scan u, delta and B, C as contiguous tensors, z, and the per-chunk float32 states
-(batch, L/64, N, d_inner). Parameters are not counted. Peak memory on the GPU also holds the parameters,
+The compiled kernels cannot run on the meta device, so they are replaced by stand-ins. By default the Mamba
+blocks run the fused three-direction function of the CUDA path (mamba_ssm.ops.tri_orientated) with stand-in
+kernels whose only saved output is the scan's per-chunk float32 states (batch, L/64, N, d_inner) and
+per-group delta sums; the function itself keeps xz and each direction's x_proj output. With --composed they
+run the per-direction autograd functions instead, with stand-ins that keep what the kernels' autograd
+functions keep: the conv its input (x, a channel slice of xz) and weights; the scan u, delta and B, C as
+contiguous tensors, z, and the per-chunk states. Parameters are not counted. Peak memory on the GPU also holds the parameters,
 gradients, optimiser state and the backward's temporaries (bench/bench_model.py measures it).
 """
 import argparse
@@ -50,7 +53,24 @@ class _ConvSaves(torch.autograd.Function):
         raise RuntimeError("meta trace only")
 
 
-def saved_tensors(batch, size, checkpointing="off"):
+def _stand_in_ops():
+    """InnerOps whose scan returns what the CUDA forward kernel saves (per-chunk states, per-group sums)."""
+    from mamba_ssm.ops.tri_orientated import InnerOps
+
+    def scan_fwd(u, delta, A, B, C, D, z, bias, reverse):
+        b, d, length = u.shape
+        chunks = (length + 63) // 64
+        return torch.empty_like(u), (torch.empty(b, chunks, A.shape[1], d, device=u.device),
+                                     torch.empty(b, chunks, d, device=u.device))
+
+    def never(*args):  # pragma: no cover - the trace never runs a backward
+        raise RuntimeError("meta trace only")
+
+    return InnerOps(conv_fwd=lambda x, w, b, reverse: torch.empty(x.shape, device=x.device), conv_bwd=never,
+                    scan_fwd=scan_fwd, scan_bwd=never)
+
+
+def saved_tensors(batch, size, checkpointing="off", composed=False):
     """{storage: (bytes, module name, shape)} of one forward pass of SegMamba(4 -> 4) on the meta device."""
     import mamba_ssm.modules.mamba_simple as mamba_simple
     import mamba_ssm.ops.selective_scan_interface as interface
@@ -58,6 +78,8 @@ def saved_tensors(batch, size, checkpointing="off"):
                                    _ScanSaves.apply(u, delta, A, B, C, D, z, delta_bias))
     interface.causal_conv1d_fn = lambda x, weight, bias=None, **_: _ConvSaves.apply(x, weight, bias)
     mamba_simple._kernels_index_backwards = lambda device: True  # the kernels' reverse direction: no flips
+    ops = None if composed else _stand_in_ops()
+    mamba_simple._fused_inner_ops = lambda xz, d_state: ops
     from model_segmamba import SegMamba
 
     model = SegMamba(4, 4).to("meta")
@@ -88,15 +110,18 @@ def main():
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--checkpointing", default="off", choices=CHECKPOINT_MODES,
                     help="SegMamba.set_activation_checkpointing mode (default: off)")
+    ap.add_argument("--composed", action="store_true",
+                    help="trace the per-direction autograd functions instead of the fused three-direction one")
     args = ap.parse_args()
-    saved = saved_tensors(args.batch, args.size, args.checkpointing)
+    saved = saved_tensors(args.batch, args.size, args.checkpointing, args.composed)
     total = sum(v[0] for v in saved.values())
     groups = collections.Counter()
     for nbytes, where, _ in saved.values():
         groups[".".join(where.split(".")[:args.depth])] += nbytes
     print(f"SegMamba(4 -> 4), batch {args.batch} x 4 x {args.size}^3: {len(saved)} saved tensors, "
           f"{total / 2**30:.2f} GiB as float32"
-          + (f", activation checkpointing {args.checkpointing}" if args.checkpointing != "off" else ""))
+          + (f", activation checkpointing {args.checkpointing}" if args.checkpointing != "off" else "")
+          + (", composed Mamba directions" if args.composed else ", fused Mamba directions"))
     for where, nbytes in groups.most_common(args.top):
         print(f"{nbytes / 2**30:8.3f} GiB  {100 * nbytes / total:5.1f}%  {where}")
 

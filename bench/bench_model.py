@@ -18,7 +18,8 @@ inference, replayed from a CUDA graph (light_training.cuda_graphs, as 4_predict.
 3_train.py --cuda_graphs does; optimiser eager) and inference from a graph too, and its peak memory includes
 the capture. ``+ambNN`` sets Inductor's activation memory budget to NN % (light_training.compile's
 ``memory_budget``: the compiled regions recompute cheap operations in the backward pass instead of keeping
-their outputs).
+their outputs). ``+composed`` runs the Mamba blocks' three directions through the per-direction autograd
+functions (SEGMAMBA_FUSED_MAMBA=0) instead of the fused three-direction function, the default on CUDA.
 ``--sw_graphs`` also times the sliding window with CUDA graphs (and with --sw_compile, compiled and graphed).
 """
 import argparse
@@ -77,6 +78,8 @@ def bench_one(name, amp, repeat):
     base, *variant = name.split("+")
     force_pytorch = base == "segmamba-pytorch"
     os.environ["SEGMAMBA_FORCE_PYTORCH"] = "1" if force_pytorch else "0"
+    # +composed: the Mamba blocks' three directions through per-direction autograd functions, not the fused one
+    os.environ["SEGMAMBA_FUSED_MAMBA"] = "0" if "composed" in variant else "1"
     torch.manual_seed(0)
     model = build(base).cuda()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
@@ -208,6 +211,8 @@ def main():
         train = "train        -            -" if r["train_ms"] is None else \
             f"train {r['train_ms']:8.1f} ms {r['train_peak_GiB']:6.2f} GiB"
         print(f"{r['model']:<22} {train}   infer {r['infer_ms']:7.1f} ms {r['infer_peak_GiB']:5.2f} GiB", flush=True)
+        with open(args.out, "w") as f:  # after every model, so a run cut short keeps what it measured
+            json.dump(res, f, indent=1)
     if not args.no_sliding_window:
         graph_options = (False, True) if args.sw_graphs else (False,)
         cl = args.sw_channels_last

@@ -67,8 +67,19 @@ def perturbed_block(d_model=8, d_state=16, seed=0, dtype=torch.float64):
     return m
 
 
+@pytest.fixture(params=["composed", "fused"])
+def inner_path(request, monkeypatch):
+    """Run the block through the per-direction autograd functions (the CPU default) or through the fused
+    three-direction function of the CUDA path (mamba_ssm.ops.tri_orientated), here with its pure-PyTorch ops."""
+    from mamba_ssm.modules import mamba_simple
+    from mamba_ssm.ops.tri_orientated import REFERENCE_OPS
+    ops = REFERENCE_OPS if request.param == "fused" else None
+    monkeypatch.setattr(mamba_simple, "_fused_inner_ops", lambda xz, d_state: ops)
+    return request.param
+
+
 @pytest.mark.parametrize("grid", [(2, 3, 4), (3, 2, 2), (4, 1, 5), (2, 2, 2)])
-def test_block_equals_sum_of_three_independent_single_direction_passes(grid):
+def test_block_equals_sum_of_three_independent_single_direction_passes(grid, inner_path):
     m = perturbed_block()
     length = grid[0] * grid[1] * grid[2]
     h = torch.randn(2, length, 8, dtype=torch.float64, requires_grad=True)
@@ -84,7 +95,7 @@ def test_block_equals_sum_of_three_independent_single_direction_passes(grid):
         torch.testing.assert_close(a, r, rtol=1e-8, atol=1e-10, msg=f"gradient of {name}")
 
 
-def test_block_float32_close_to_float64_reference():
+def test_block_float32_close_to_float64_reference(inner_path):
     m64 = perturbed_block(d_model=16, seed=1)
     m32 = copy.deepcopy(m64).float()
     h = torch.randn(1, 60, 16, dtype=torch.float64)
@@ -175,7 +186,7 @@ def test_constructor_and_forward_errors_are_clear():
         m(torch.randn(1, 24, 8), grid=(2, 3, 4))
 
 
-def test_block_runs_under_cpu_autocast_bfloat16():
+def test_block_runs_under_cpu_autocast_bfloat16(inner_path):
     m = perturbed_block(d_model=16, seed=2, dtype=torch.float32)
     h = torch.randn(1, 24, 16)
     plain = m(h, grid=(2, 3, 4))
@@ -185,6 +196,85 @@ def test_block_runs_under_cpu_autocast_bfloat16():
     assert ((low.float() - plain).norm() / plain.norm()).item() < 5e-2
     low.float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def _block_pass(m, h, grid, fused, monkeypatch, autocast=None):
+    """Output, input gradient, parameter gradients and the bytes autograd keeps (parameters not counted) of one
+    forward/backward pass through the composed or the fused path."""
+    from mamba_ssm.modules import mamba_simple
+    from mamba_ssm.ops.tri_orientated import REFERENCE_OPS
+    monkeypatch.setattr(mamba_simple, "_fused_inner_ops", lambda xz, d_state: REFERENCE_OPS if fused else None)
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    kept = {}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in params:
+            kept[key] = t.untyped_storage().nbytes()
+        return t
+
+    m.zero_grad()
+    h = h.detach().clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if autocast is None:
+            y = m(h, grid=grid)
+        else:
+            with torch.autocast("cpu", dtype=autocast):
+                y = m(h, grid=grid)
+    y.float().backward(torch.cos(y.detach().float()))
+    return y.detach(), h.grad, {k: p.grad.clone() for k, p in m.named_parameters()}, sum(kept.values())
+
+
+def test_fused_path_keeps_neither_u_nor_delta_nor_the_slice_copy(monkeypatch):
+    """The fused function keeps xz and the three x_proj outputs, not each direction's conv output u and delta
+    (B, d_inner, L) nor the through-slice copy of xz (B, 2 d_inner, L): at least 7 B*d_inner*L values fewer
+    than the composed path, with the same numbers."""
+    m = perturbed_block(d_model=8, seed=3)
+    grid = (4, 3, 5)
+    h = torch.randn(2, 60, 8, dtype=torch.float64)
+    y1, gh1, g1, kept_composed = _block_pass(m, h, grid, False, monkeypatch)
+    y2, gh2, g2, kept_fused = _block_pass(m, h, grid, True, monkeypatch)
+    torch.testing.assert_close(y2, y1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gh2, gh1, rtol=1e-10, atol=1e-12)
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-10, atol=1e-12, msg=k)
+    d_inner, length, n, rank = m.d_inner, 60, m.d_state, m.dt_rank
+    values = 2 * length * 8  # the block's input, kept by in_proj
+    values += 2 * length * 2 * d_inner  # xz
+    values += 3 * 2 * length * (rank + 2 * n)  # x_dbl per direction
+    values += 2 * length * d_inner  # y, kept by out_proj
+    values += 2 * 3 * d_inner * n  # exp(A_log) per direction, kept by the exp, and A = -exp(A_log)
+    assert kept_fused == values * 8, (kept_fused, values * 8)
+    assert kept_composed - kept_fused >= 7 * 2 * d_inner * length * 8
+
+
+def test_fused_path_under_cpu_autocast_gives_the_composed_numbers_and_dtypes(monkeypatch):
+    """Under autocast the fused function runs its projections in the autocast dtype as the composed path does:
+    the same bfloat16 output, gradients in the parameters' dtypes and within bfloat16 rounding of the composed
+    path's (which sums du in bfloat16 where the fused GEMM adds it in float32)."""
+    m = perturbed_block(d_model=16, seed=4, dtype=torch.float32)
+    h = torch.randn(2, 48, 16)
+    y1, gh1, g1, _ = _block_pass(m, h, (3, 4, 4), False, monkeypatch, autocast=torch.bfloat16)
+    y2, gh2, g2, _ = _block_pass(m, h, (3, 4, 4), True, monkeypatch, autocast=torch.bfloat16)
+    assert y2.dtype == y1.dtype == torch.bfloat16
+    torch.testing.assert_close(y2, y1, rtol=0, atol=0)
+    assert gh2.dtype == torch.float32
+    assert ((gh2 - gh1).norm() / gh1.norm()).item() < 1e-2
+    for k, p in m.named_parameters():
+        assert g2[k].dtype == p.dtype, k
+        assert ((g2[k] - g1[k]).norm() / g1[k].norm()).item() < 1e-2, k
+
+
+def test_fused_function_rejects_bad_arguments():
+    from mamba_ssm.ops.tri_orientated import REFERENCE_OPS, tri_orientated_inner
+    m = perturbed_block()
+    xz = torch.randn(1, 2 * m.d_inner, 24, dtype=torch.float64)
+    with pytest.raises(ValueError, match="21 parameters"):
+        tri_orientated_inner(xz, (2, 3, 4), REFERENCE_OPS, [])
+    with pytest.raises(ValueError, match="xz must be"):
+        tri_orientated_inner(xz[:, :-1], (2, 3, 4), REFERENCE_OPS, [None] * 21)
+    with pytest.raises(ValueError, match="grid"):
+        tri_orientated_inner(xz, (2, 3, 5), REFERENCE_OPS, [None] * 21)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])

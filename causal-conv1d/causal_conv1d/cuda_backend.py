@@ -40,6 +40,27 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu: bool,
+                 reverse: bool = False) -> torch.Tensor:
+    """The forward kernel, without autograd: ``x`` (B, D, L) with contiguous rows (a channel slice is read in
+    place; other layouts are copied), ``weight`` (D, W) float32 contiguous, ``bias`` (D,) float32 or None.
+    Returns (B, D, L) in x's dtype."""
+    return _EXT.fwd(_rows(x), weight, bias, bool(silu), bool(reverse))
+
+
+def conv_backward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dout: torch.Tensor,
+                  silu: bool, reverse: bool = False):
+    """The backward kernel, without autograd (arguments as :func:`conv_forward`; ``dout`` like ``x``, made
+    contiguous here). Returns ``(dx, dweight (D, W) float32, dbias (D,) float32 or None)``."""
+    return _EXT.bwd(_rows(x), weight, bias, dout.to(x.dtype).contiguous(), bool(silu), bool(reverse))
+
+
+def kernel_weights(weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """``weight`` ((D, W) or (D, 1, W)) and ``bias`` as the contiguous float32 tensors the kernels take."""
+    w32 = weight.reshape(weight.shape[0], -1).float().contiguous()
+    return w32, (None if bias is None else bias.float().contiguous())
+
+
 class CausalConv1dCudaFn(torch.autograd.Function):
     """Autograd wrapper of the forward/backward kernels (the backward recomputes the pre-activation)."""
 
@@ -47,9 +68,8 @@ class CausalConv1dCudaFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, silu, reverse):
         ctx.w_dtype, ctx.b_dtype, ctx.w_shape = weight.dtype, (None if bias is None else bias.dtype), weight.shape
         x_r = _rows(x)
-        w32 = weight.reshape(weight.shape[0], -1).float().contiguous()
-        b32 = None if bias is None else bias.float().contiguous()
-        out = _EXT.fwd(x_r, w32, b32, bool(silu), bool(reverse))
+        w32, b32 = kernel_weights(weight, bias)
+        out = conv_forward(x_r, w32, b32, silu, reverse)
         ctx.silu, ctx.reverse = bool(silu), bool(reverse)
         ctx.save_for_backward(x_r, w32, b32)
         return out
@@ -57,7 +77,7 @@ class CausalConv1dCudaFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, w32, b32 = ctx.saved_tensors
-        dx, dw, db = _EXT.bwd(x, w32, b32, dout.to(x.dtype).contiguous(), ctx.silu, ctx.reverse)
+        dx, dw, db = conv_backward(x, w32, b32, dout, ctx.silu, ctx.reverse)
         dw = dw.to(ctx.w_dtype).reshape(ctx.w_shape)
         db = None if b32 is None else db.to(ctx.b_dtype)
         return dx, dw, db, None, None

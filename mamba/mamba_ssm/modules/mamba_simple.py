@@ -8,6 +8,7 @@ accepted); here that scan is called the tri-orientated scan.
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -19,6 +20,7 @@ from mamba_ssm.ops.orderings import (legacy_grid, reverse_order, slice_order, sl
 from causal_conv1d.causal_conv1d_interface import backend_name as conv_backend_name
 from mamba_ssm.ops.selective_scan_interface import (CUDA_KERNEL, active_backend, channels_first_linear,
                                                     mamba_inner_fn_no_out_proj)
+from mamba_ssm.ops.tri_orientated import InnerOps, cuda_ops, tri_orientated_inner
 
 TRI_ORIENTATED = "v3"  # the published flag value for the forward + reverse + through-slice scan
 DIRECTION_SUFFIXES = ("", "_b", "_s")  # forward, reverse, through-slice (names in the state dict)
@@ -33,6 +35,20 @@ def _kernels_index_backwards(device: torch.device) -> bool:
     direction by indexing)."""
     return device.type == "cuda" and conv_backend_name(device) == "cuda-kernel" and \
         active_backend(device) == CUDA_KERNEL
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fused_inner_ops(xz: torch.Tensor, d_state: int) -> Optional[InnerOps]:
+    """The ops of the fused three-direction function (:mod:`mamba_ssm.ops.tri_orientated`) for this input, or
+    None to compose the per-direction autograd functions instead. Fused: on CUDA with both kernels built, for
+    the dtypes and state sizes they cover, unless SEGMAMBA_FUSED_MAMBA=0 (for comparison)."""
+    if os.environ.get("SEGMAMBA_FUSED_MAMBA", "1") == "0":
+        return None
+    if xz.dtype in _KERNEL_DTYPES and d_state <= 64 and _kernels_index_backwards(xz.device):
+        return cuda_ops()
+    return None
 
 
 class DirectionParams(NamedTuple):
@@ -140,18 +156,45 @@ class Mamba(nn.Module):
                              "with nslices=... for the published fixed-slice behaviour)")
         return legacy_grid(length, self.nslices)
 
+    @staticmethod
+    def _scan_params(params: DirectionParams):
+        """A = -exp(A_log), D and the dt bias as the scan takes them: float32 (float64 if the module is)."""
+        bias = params.dt_proj.bias
+        return (-torch.exp(_at_least_float32(params.A_log)), _at_least_float32(params.D),
+                _at_least_float32(bias) if bias is not None else None)
+
     def _scan_direction(self, xz_perm: torch.Tensor, params: DirectionParams,
                         reverse: bool = False) -> torch.Tensor:
         """One scan direction on tokens already in its order: xz_perm (B, 2*d_inner, L) -> (B, d_inner, L).
-        A, D and the dt bias enter the scan in float32 (float64 if the module is float64). ``reverse``: the
-        conv and the scan read the tokens last-to-first (output in the given order)."""
-        A = -torch.exp(_at_least_float32(params.A_log))
-        bias = params.dt_proj.bias
-        delta_bias = _at_least_float32(bias) if bias is not None else None
+        ``reverse``: the conv and the scan read the tokens last-to-first (output in the given order)."""
+        A, D, delta_bias = self._scan_params(params)
         return mamba_inner_fn_no_out_proj(xz_perm, params.conv1d.weight, params.conv1d.bias,
-                                          params.x_proj.weight, params.dt_proj.weight, A,
-                                          D=_at_least_float32(params.D), delta_bias=delta_bias,
-                                          delta_softplus=True, reverse=reverse)
+                                          params.x_proj.weight, params.dt_proj.weight, A, D=D,
+                                          delta_bias=delta_bias, delta_softplus=True, reverse=reverse)
+
+    def _composed_inner(self, xz: torch.Tensor, grid) -> torch.Tensor:
+        """The three directions summed in token order, each through its own autograd functions (any device and
+        dtype): xz (B, 2*d_inner, L) -> (B, d_inner, L)."""
+        out_forward = self._scan_direction(xz, self.direction_params(""))
+        if _kernels_index_backwards(xz.device):
+            # the conv1d and scan kernels walk the sequence backwards: no flipped copies of xz or the output
+            out_reverse = self._scan_direction(xz, self.direction_params("_b"), reverse=True)
+        else:  # PyTorch path: one flip in, one flip out (fewer copies than flipping inside each op)
+            out_reverse = reverse_order(self._scan_direction(reverse_order(xz), self.direction_params("_b")))
+        out_slice = self._scan_direction(slice_order(xz, grid), self.direction_params("_s"))
+        # add the through-slice output through a transposed view: no un-sliced copy is materialised
+        y = out_forward + out_reverse
+        y.view(*y.shape[:2], grid[0], -1).add_(slice_view_inverse(out_slice, grid))
+        return y
+
+    def _tri_inner(self, xz: torch.Tensor, grid, ops: InnerOps) -> torch.Tensor:
+        """The three directions summed in token order through the fused function (it keeps only xz and each
+        direction's x_proj output for the backward pass): xz (B, 2*d_inner, L) -> (B, d_inner, L)."""
+        params = []
+        for suffix in DIRECTION_SUFFIXES:
+            p = self.direction_params(suffix)
+            params += [p.conv1d.weight, p.conv1d.bias, p.x_proj.weight, p.dt_proj.weight, *self._scan_params(p)]
+        return tri_orientated_inner(xz, grid, ops, params)
 
     def forward(self, hidden_states: torch.Tensor, grid: Optional[Sequence[int]] = None,
                 token_major_out: bool = False) -> torch.Tensor:
@@ -166,16 +209,11 @@ class Mamba(nn.Module):
         # (B, 2*d_inner, L) produced contiguous by the GEMM itself, so the x and z halves are row-contiguous
         # channel slices that the kernels read in place (a transposed in_proj output would need copies).
         xz = channels_first_linear(self.in_proj.weight, hidden_states.transpose(1, 2), self.in_proj.bias)
-        out_forward = self._scan_direction(xz, self.direction_params(""))
-        if _kernels_index_backwards(xz.device):
-            # the conv1d and scan kernels walk the sequence backwards: no flipped copies of xz or the output
-            out_reverse = self._scan_direction(xz, self.direction_params("_b"), reverse=True)
-        else:  # PyTorch path: one flip in, one flip out (fewer copies than flipping inside each op)
-            out_reverse = reverse_order(self._scan_direction(reverse_order(xz), self.direction_params("_b")))
-        out_slice = self._scan_direction(slice_order(xz, grid), self.direction_params("_s"))
-        # add the through-slice output through a transposed view: no un-sliced copy is materialised
-        y = out_forward + out_reverse
-        y.view(*y.shape[:2], grid[0], -1).add_(slice_view_inverse(out_slice, grid))
+        ops = _fused_inner_ops(xz, self.d_state)
+        if ops is not None:
+            y = self._tri_inner(xz, grid, ops)
+        else:
+            y = self._composed_inner(xz, grid)
         # out_proj from the left as well: no token-major copy of y (which autograd would keep for the backward
         # pass); the GEMM writes the result in the layout asked for.
         return channels_first_linear(self.out_proj.weight, y, self.out_proj.bias,

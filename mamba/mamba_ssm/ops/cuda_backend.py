@@ -46,10 +46,7 @@ def available() -> bool:
 
 def kernel_supports(u, delta, B, C, A, z=None) -> Optional[str]:
     """None when the kernels handle these arguments, else the reason they do not."""
-    dtype = u.dtype
-    for t in (delta, B, C, z):
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
+    dtype = _kernel_dtype(u, delta, B, C, z)
     if dtype not in _KERNEL_DTYPES:
         return f"dtype {dtype}"
     if B.dim() != 4 or C.dim() != 4:
@@ -71,6 +68,46 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def _kernel_dtype(u, delta, B, C, z) -> torch.dtype:
+    """One storage dtype for the per-token inputs: the widest of them (e.g. fp16 + fp32 -> fp32)."""
+    dtype = u.dtype
+    for t in (delta, B, C, z):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias):
+    """The arguments as the kernels take them: per-token tensors in one dtype with contiguous rows (z may stay
+    a channel slice), A, D and delta_bias float32 contiguous."""
+    dtype = _kernel_dtype(u, delta, B, C, z)
+    return (u.to(dtype).contiguous(), delta.to(dtype).contiguous(), A.float().contiguous(),
+            B.to(dtype).contiguous(), C.to(dtype).contiguous(), None if D is None else D.float().contiguous(),
+            None if z is None else _rows(z.to(dtype)),
+            None if delta_bias is None else delta_bias.float().contiguous())
+
+
+def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                 return_last_state=False, reverse=False):
+    """The forward kernels, without autograd. B, C: (batch, 1, N, L). Returns ``(out, last_state, saved)``:
+    out in u's dtype, last_state (batch, dim, N) float32 or None, and ``saved`` = (per-chunk states,
+    per-group delta sums), what :func:`scan_backward` needs besides the inputs."""
+    u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias)
+    out, last_state, carry, dsum = _EXT.fwd(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, bool(delta_softplus),
+                                            bool(return_last_state), bool(reverse))
+    return out.to(u.dtype), (last_state if return_last_state else None), (carry, dsum)
+
+
+def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout, saved, reverse=False):
+    """The backward kernels, without autograd (the inputs as given to :func:`scan_forward`, ``saved`` from
+    it). Returns ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)``: du, ddelta, dz in the kernels' storage dtype,
+    dB and dC float32 (batch, 1, N, L), dA, dD, ddelta_bias float32; None for absent D, z, delta_bias."""
+    u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias)
+    carry, dsum = saved
+    return tuple(_EXT.bwd(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, bool(delta_softplus),
+                          dout.to(u_c.dtype).contiguous(), carry, dsum, bool(reverse)))
+
+
 class SelectiveScanCudaFn(torch.autograd.Function):
     """Autograd wrapper of the forward/backward kernels. Saves the per-chunk carried states (float32,
     ``batch·L/64·N·dim`` values) and per-group sums of delta instead of the full ``(batch, dim, N, L)`` state
@@ -78,31 +115,18 @@ class SelectiveScanCudaFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, reverse):
-        # One storage dtype for the per-token inputs: the widest of them (e.g. fp16 + fp32 -> fp32).
-        dtype = u.dtype
-        for t in (delta, B, C, z):
-            if t is not None:
-                dtype = torch.promote_types(dtype, t.dtype)
         ctx.u_dtype = u.dtype
         ctx.in_dtypes = (delta.dtype, B.dtype, C.dtype, None if z is None else z.dtype)
         ctx.b_shape, ctx.c_shape = B.shape, C.shape
         ctx.a_dtype = A.dtype
         ctx.d_dtype = None if D is None else D.dtype
         ctx.bias_dtype = None if delta_bias is None else delta_bias.dtype
-        u_c = u.to(dtype).contiguous()
-        delta_c = delta.to(dtype).contiguous()
-        B_c = B.to(dtype).contiguous()
-        C_c = C.to(dtype).contiguous()
-        z_c = None if z is None else _rows(z.to(dtype))
-        A_c = A.float().contiguous()
-        D_c = None if D is None else D.float().contiguous()
-        bias_c = None if delta_bias is None else delta_bias.float().contiguous()
-        out, last_state, carry, dsum = _EXT.fwd(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c,
-                                                bool(delta_softplus), bool(return_last_state), bool(reverse))
+        inputs = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias)
+        out, last_state, (carry, dsum) = scan_forward(*inputs, delta_softplus, return_last_state, reverse)
         ctx.reverse = bool(reverse)
-        out = out.to(u.dtype)
         ctx.delta_softplus = bool(delta_softplus)
-        ctx.save_for_backward(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, carry, dsum)
+        ctx.save_for_backward(*inputs, carry, dsum)
+        out = out.to(u.dtype)
         if return_last_state:
             ctx.mark_non_differentiable(last_state)
             return out, last_state
@@ -111,9 +135,8 @@ class SelectiveScanCudaFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, *unused):
         u, delta, A, B, C, D, z, bias, carry, dsum = ctx.saved_tensors
-        dout = dout.to(u.dtype).contiguous()
-        du, ddelta, dA, dB, dC, dD, dz, dbias = _EXT.bwd(u, delta, A, B, C, D, z, bias, ctx.delta_softplus,
-                                                         dout, carry, dsum, ctx.reverse)
+        du, ddelta, dA, dB, dC, dD, dz, dbias = scan_backward(u, delta, A, B, C, D, z, bias, ctx.delta_softplus,
+                                                              dout, (carry, dsum), ctx.reverse)
         delta_dtype, b_dtype, c_dtype, z_dtype = ctx.in_dtypes
         du = du.to(ctx.u_dtype)
         ddelta = ddelta.to(delta_dtype)

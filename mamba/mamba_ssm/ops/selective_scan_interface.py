@@ -125,6 +125,17 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
+def channels_first_weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of ``weight @ x[b]`` for every b: ``sum_b grad[b] @ x[b]^T`` for grad (batch, out, L)
+    and x (batch, in, L), accumulated in at least float32. One (out, L) x (L, in) GEMM per batch element:
+    ``bmm(grad, x^T).sum(0)``, what autograd does for a broadcast weight, makes cuBLAS pick a batched kernel
+    that is several times slower for these long reductions."""
+    grad_weight = torch.mm(grad[0], x[0].mT).to(torch.promote_types(grad.dtype, torch.float32))
+    for b in range(1, x.shape[0]):
+        grad_weight += torch.mm(grad[b], x[b].mT)
+    return grad_weight
+
+
 class _ChannelsFirstLinear(torch.autograd.Function):
     """``weight @ x[b]`` for every batch element b, with a backward pass that computes the weight gradient as
     one long-reduction GEMM per batch element (see :func:`channels_first_linear`)."""
@@ -148,13 +159,7 @@ class _ChannelsFirstLinear(torch.autograd.Function):
         grad = grad.to(weight.dtype)
         grad_weight = grad_x = None
         if ctx.needs_input_grad[0]:
-            # sum over b of grad[b] @ x[b]^T: a (out, L) x (L, in) GEMM per batch element, summed in >= float32.
-            # (bmm(grad, x^T).sum(0), what autograd does for the broadcast weight, makes cuBLAS pick a batched
-            # kernel that is several times slower for these long reductions.)
-            grad_weight = torch.mm(grad[0], x[0].mT).to(torch.promote_types(grad.dtype, torch.float32))
-            for b in range(1, x.shape[0]):
-                grad_weight += torch.mm(grad[b], x[b].mT)
-            grad_weight = grad_weight.to(ctx.dtypes[0])
+            grad_weight = channels_first_weight_grad(grad, x).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
             grad_x = torch.bmm(weight.mT.expand(x.shape[0], *weight.mT.shape), grad).to(ctx.dtypes[1])
         return grad_weight, grad_x, None
