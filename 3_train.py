@@ -40,9 +40,9 @@ LOSS = "ce"                                   # ce (as the reference) or dice_ce
 AMP = "fp16"                                  # CUDA autocast dtype: fp16, bf16 or none (CPU: always fp32)
 COMPILE = "auto"                              # torch.compile: auto (on CUDA; ~1.4x faster steps), on, off
 CHANNELS_LAST = "auto"                        # channels-last 3D activations: auto (= with compile on CUDA), on, off
-COMPILE_MEMORY_BUDGET = 1.0                   # < 1: compiled parts recompute cheap ops instead of keeping them (0.5: -2.1 GiB)
+COMPILE_MEMORY_BUDGET = 1.0                   # < 1: compiled parts recompute cheap ops instead of keeping them
 CUDA_GRAPHS = "auto"                          # replay each training step from a CUDA graph: auto (CUDA, 1 GPU), on, off
-ACTIVATION_CHECKPOINTING = "off"              # off, mamba (~3.7 GiB less, ~17% slower), full_res, all: see README
+ACTIVATION_CHECKPOINTING = "off"              # off, mamba (~1.5 GiB less, ~14% slower), full_res, all: see README
 NUM_WORKERS = 8                               # patch-loading processes per GPU
 SEED = 42
 OVERSAMPLE_FOREGROUND = 0.33                  # fraction of each batch centred on a tumour voxel
@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile_memory_budget", type=float, default=COMPILE_MEMORY_BUDGET, metavar="F",
         help="with --compile: Inductor's activation memory budget in (0, 1]; below 1 the compiled parts recompute "
              "cheap operations (norms, activations) in the backward pass instead of keeping their outputs (same "
-             "results; batch 2 x 128^3 on an H200: 0.5 gives 13.7 -> 11.6 GiB for 143 -> 147 ms per step) "
+             "results; batch 2 x 128^3 on an H200, measured before the fused Mamba function: 0.5 gave "
+             "13.7 -> 11.6 GiB for 143 -> 147 ms per step) "
              f"(default: {COMPILE_MEMORY_BUDGET})")
     add("--cuda_graphs", choices=["auto", "on", "off"], default=CUDA_GRAPHS,
         help="capture the forward pass, loss and backward pass of a training step once as a CUDA graph and replay "
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=ACTIVATION_CHECKPOINTING,
         help="recompute blocks in the backward pass instead of keeping their activations (same results, less "
              "memory, slower steps): mamba = the Mamba layers (the flag alone; batch 2 x 128^3 on an H200, "
-             "compiled, channels-last: 13.8 -> 10.1 GiB, +17%% step time), full_res = the three full-resolution "
+             "compiled, channels-last, CUDA graphs: 11.9 -> 10.2 GiB, +14%% step time), full_res = the three "
+             "full-resolution "
              f"blocks, all = both (default: {ACTIVATION_CHECKPOINTING})")
     add("--num_workers", type=int, default=NUM_WORKERS, help=f"patch-loading processes (default: {NUM_WORKERS})")
     add("--seed", type=int, default=SEED, help=f"(default: {SEED})")

@@ -15,7 +15,7 @@ What the composition of separate autograd functions keeps per direction, and thi
 * B and C as contiguous copies (B, 1, N, L).
 
 So per direction only x_dbl and the scan's own per-chunk states stay, plus xz once for all three; at SegMamba's
-stage 0 (batch 2, 64³ tokens, fp16) that is 0.64 instead of 1.5 GiB per Mamba layer. The backward pass also
+stage 0 (batch 2, 64³ tokens, fp16) that is about 0.7 instead of 1.5 GiB per Mamba layer. The backward pass also
 assembles the gradient of xz itself (one concatenation, then in-place additions) instead of autograd's
 zero-filled full-size buffer per channel slice and direction.
 
