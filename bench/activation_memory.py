@@ -14,8 +14,9 @@ kernels whose only saved output is the scan's per-chunk float32 states (batch, L
 per-group delta sums; the function itself keeps xz and each direction's x_proj output. With --composed they
 run the per-direction autograd functions instead, with stand-ins that keep what the kernels' autograd
 functions keep: the conv its input (x, a channel slice of xz) and weights; the scan u, delta and B, C as
-contiguous tensors, z, and the per-chunk states. Parameters are not counted. Peak memory on the GPU also holds the parameters,
-gradients, optimiser state and the backward's temporaries (bench/bench_model.py measures it).
+contiguous tensors, z, and the per-chunk states. Parameters are not counted. Peak memory on the GPU also
+holds the parameters, gradients, optimiser state and the backward's temporaries (bench/bench_model.py
+measures it).
 """
 import argparse
 import collections

@@ -5,19 +5,8 @@
 # then whatever GPU tests fit in the time left (TESTS).
 #   OUT=$OUT bash bench/gpu_fused_session.sh
 #   OUT=$OUT MODELS=segmamba+compile+cl+tgraph,swinunetr TESTS="tests/test_training_graphs.py" bash bench/gpu_fused_session.sh
-set -uo pipefail
-OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; fi
-export PYTHONPATH=/tmp/site:$PWD:$PWD/mamba:$PWD/causal-conv1d
-nvidia-smi --query-gpu=name --format=csv,noheader
-start=$(date +%s)
-if ! ls mamba/mamba_ssm/_selective_scan_cuda*.so >/dev/null 2>&1; then
-  ( python -m pip install -q --no-build-isolation --no-deps -e ./causal-conv1d > "$OUT/build_conv.log" 2>&1 ) &
-  ( python -m pip install -q --no-build-isolation --no-deps -e ./mamba > "$OUT/build_scan.log" 2>&1 ) &
-  wait
-fi
-echo "built after $(( $(date +%s) - start )) s"
+source bench/gpu_session_env.sh
+build_extensions
 timeout 150 python -m pytest -q -p no:cacheprovider --tb=short tests/test_cuda_kernels.py \
   -k "mamba_block or small_case or slice_of_z" > "$OUT/tests_block.txt" 2>&1
 grep -E "passed|failed|Error" "$OUT/tests_block.txt" | tail -6

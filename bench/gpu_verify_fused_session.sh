@@ -4,17 +4,8 @@
 # (3_train.py with run_demo.py's settings, on data preprocessed elsewhere and carried in .demo_data) with the
 # fused function and with the composed one (SEGMAMBA_FUSED_MAMBA=0), to compare validation Dice.
 #   OUT=$OUT bash bench/gpu_verify_fused_session.sh      (carry .whl with MONAI, and .demo_data)
-set -uo pipefail
-OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; fi
-export PYTHONPATH=/tmp/site:$PWD:$PWD/mamba:$PWD/causal-conv1d
-nvidia-smi --query-gpu=name --format=csv,noheader
-start=$(date +%s)
-( python -m pip install -q --no-build-isolation --no-deps -e ./causal-conv1d > /tmp/build_conv.log 2>&1 ) &
-( python -m pip install -q --no-build-isolation --no-deps -e ./mamba > /tmp/build_scan.log 2>&1 ) &
-wait
-echo "built after $(( $(date +%s) - start )) s"
+source bench/gpu_session_env.sh
+build_extensions
 SEGMAMBA_KERNEL_REPORT="$OUT/kernel_errors.json" timeout 200 python -m pytest -q -p no:cacheprovider --tb=short \
   tests/test_cuda_kernels.py > "$OUT/tests_kernels.txt" 2>&1
 grep -E "passed|failed|Error" "$OUT/tests_kernels.txt" | tail -4

@@ -72,10 +72,11 @@ def compile_network(model: torch.nn.Module, setting: str, device: torch.device,
 
     ``eager`` says what of each Mamba block inside ``model`` stays eager: ``"block"`` (default) the whole
     block; ``"scan"`` only the per-direction conv1d + selective scan (the CUDA extension calls), so the glue
-    around them (flips, slice reorderings, the sum of the three directions) is compiled too (with the fused
-    three-direction function of the CUDA path, that function stays eager and in_proj / out_proj are compiled). Measured on an
-    H200 (``bench/bench_infer_compile.py``, 1 × 4 × 128³ fp16 inference): eager 62.8 ms, ``"scan"``
-    53.0 ms, ``"block"`` 35.7 ms; training steps were the same (200.5 vs 200.9 ms).
+    around them (flips, slice reorderings, the sum of the three directions) is compiled too; with the fused
+    three-direction function of the CUDA path, that function stays eager and in_proj / out_proj are compiled.
+    Measured on an H200 before the fused function (``bench/bench_infer_compile.py``, 1 × 4 × 128³ fp16
+    inference): eager 62.8 ms, ``"scan"`` 53.0 ms, ``"block"`` 35.7 ms; training steps were the same (200.5 vs
+    200.9 ms).
 
     ``memory_budget`` (0, 1]: Inductor's activation memory budget for the compiled regions (module docstring);
     1 is Inductor's default (keep what its partitioner would keep).

@@ -55,12 +55,6 @@ def conv_backward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return _EXT.bwd(_rows(x), weight, bias, dout.to(x.dtype).contiguous(), bool(silu), bool(reverse))
 
 
-def kernel_weights(weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    """``weight`` ((D, W) or (D, 1, W)) and ``bias`` as the contiguous float32 tensors the kernels take."""
-    w32 = weight.reshape(weight.shape[0], -1).float().contiguous()
-    return w32, (None if bias is None else bias.float().contiguous())
-
-
 class CausalConv1dCudaFn(torch.autograd.Function):
     """Autograd wrapper of the forward/backward kernels (the backward recomputes the pre-activation)."""
 
@@ -68,7 +62,8 @@ class CausalConv1dCudaFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, silu, reverse):
         ctx.w_dtype, ctx.b_dtype, ctx.w_shape = weight.dtype, (None if bias is None else bias.dtype), weight.shape
         x_r = _rows(x)
-        w32, b32 = kernel_weights(weight, bias)
+        w32 = weight.reshape(weight.shape[0], -1).float().contiguous()
+        b32 = None if bias is None else bias.float().contiguous()
         out = conv_forward(x_r, w32, b32, silu, reverse)
         ctx.silu, ctx.reverse = bool(silu), bool(reverse)
         ctx.save_for_backward(x_r, w32, b32)

@@ -174,7 +174,7 @@ class _TriOrientatedInner(torch.autograd.Function):
         for k, (reverse, through_slice) in enumerate(DIRECTIONS):
             p = params[k * PARAMS_PER_DIRECTION:(k + 1) * PARAMS_PER_DIRECTION]
             src = slice_order(xz, grid) if through_slice else xz
-            x, z, u, x_dbl, delta, B, C = _recompute(ops, src, p, reverse, gemm_dtype)
+            _, z, u, x_dbl, delta, B, C = _recompute(ops, src, p, reverse, gemm_dtype)
             out, saved = ops.scan_fwd(u, delta, p[4], B, C, p[5], z, p[6], reverse)
             x_dbls.append(x_dbl)
             scan_saved.append(tuple(saved))
