@@ -87,25 +87,34 @@ def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias):
             None if delta_bias is None else delta_bias.float().contiguous())
 
 
+def _forward(inputs, delta_softplus, return_last_state, reverse):
+    """The forward kernels on :func:`_kernel_inputs`' tuple: (out, last_state or None, (carry, dsum))."""
+    out, last_state, carry, dsum = _EXT.fwd(*inputs, bool(delta_softplus), bool(return_last_state), bool(reverse))
+    return out, (last_state if return_last_state else None), (carry, dsum)
+
+
+def _backward(inputs, delta_softplus, dout, saved, reverse):
+    """The backward kernels on :func:`_kernel_inputs`' tuple and the forward's ``saved``."""
+    carry, dsum = saved
+    return tuple(_EXT.bwd(*inputs, bool(delta_softplus), dout.to(inputs[0].dtype).contiguous(), carry, dsum,
+                          bool(reverse)))
+
+
 def scan_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                  return_last_state=False, reverse=False):
     """The forward kernels, without autograd. B, C: (batch, 1, N, L). Returns ``(out, last_state, saved)``:
     out in u's dtype, last_state (batch, dim, N) float32 or None, and ``saved`` = (per-chunk states,
     per-group delta sums), what :func:`scan_backward` needs besides the inputs."""
-    u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias)
-    out, last_state, carry, dsum = _EXT.fwd(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, bool(delta_softplus),
-                                            bool(return_last_state), bool(reverse))
-    return out.to(u.dtype), (last_state if return_last_state else None), (carry, dsum)
+    out, last_state, saved = _forward(_kernel_inputs(u, delta, A, B, C, D, z, delta_bias), delta_softplus,
+                                      return_last_state, reverse)
+    return out.to(u.dtype), last_state, saved
 
 
 def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, dout, saved, reverse=False):
     """The backward kernels, without autograd (the inputs as given to :func:`scan_forward`, ``saved`` from
     it). Returns ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)``: du, ddelta, dz in the kernels' storage dtype,
     dB and dC float32 (batch, 1, N, L), dA, dD, ddelta_bias float32; None for absent D, z, delta_bias."""
-    u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias)
-    carry, dsum = saved
-    return tuple(_EXT.bwd(u_c, delta_c, A_c, B_c, C_c, D_c, z_c, bias_c, bool(delta_softplus),
-                          dout.to(u_c.dtype).contiguous(), carry, dsum, bool(reverse)))
+    return _backward(_kernel_inputs(u, delta, A, B, C, D, z, delta_bias), delta_softplus, dout, saved, reverse)
 
 
 class SelectiveScanCudaFn(torch.autograd.Function):
@@ -122,7 +131,7 @@ class SelectiveScanCudaFn(torch.autograd.Function):
         ctx.d_dtype = None if D is None else D.dtype
         ctx.bias_dtype = None if delta_bias is None else delta_bias.dtype
         inputs = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias)
-        out, last_state, (carry, dsum) = scan_forward(*inputs, delta_softplus, return_last_state, reverse)
+        out, last_state, (carry, dsum) = _forward(inputs, delta_softplus, return_last_state, reverse)
         ctx.reverse = bool(reverse)
         ctx.delta_softplus = bool(delta_softplus)
         ctx.save_for_backward(*inputs, carry, dsum)
@@ -134,9 +143,10 @@ class SelectiveScanCudaFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *unused):
-        u, delta, A, B, C, D, z, bias, carry, dsum = ctx.saved_tensors
-        du, ddelta, dA, dB, dC, dD, dz, dbias = scan_backward(u, delta, A, B, C, D, z, bias, ctx.delta_softplus,
-                                                              dout, (carry, dsum), ctx.reverse)
+        *inputs, carry, dsum = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, dz, dbias = _backward(inputs, ctx.delta_softplus, dout, (carry, dsum),
+                                                          ctx.reverse)
+        D, z, bias = inputs[5], inputs[6], inputs[7]
         delta_dtype, b_dtype, c_dtype, z_dtype = ctx.in_dtypes
         du = du.to(ctx.u_dtype)
         ddelta = ddelta.to(delta_dtype)

@@ -25,6 +25,7 @@ run this function with on the CPU).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -55,6 +56,7 @@ class InnerOps(NamedTuple):
     scan_bwd: Callable
 
 
+@functools.lru_cache(maxsize=1)
 def cuda_ops() -> InnerOps:
     """The compiled CUDA kernels of both packages (callers check that they are built)."""
     from causal_conv1d import cuda_backend as conv
