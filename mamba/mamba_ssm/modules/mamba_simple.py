@@ -20,6 +20,7 @@ from mamba_ssm.ops.orderings import (legacy_grid, reverse_order, slice_order, sl
 from causal_conv1d.causal_conv1d_interface import backend_name as conv_backend_name
 from mamba_ssm.ops.selective_scan_interface import (CUDA_KERNEL, active_backend, channels_first_linear,
                                                     mamba_inner_fn_no_out_proj)
+from mamba_ssm.ops.cuda_backend import KERNEL_DTYPES
 from mamba_ssm.ops.tri_orientated import InnerOps, cuda_ops, tri_orientated_inner
 
 TRI_ORIENTATED = "v3"  # the published flag value for the forward + reverse + through-slice scan
@@ -37,16 +38,13 @@ def _kernels_index_backwards(device: torch.device) -> bool:
         active_backend(device) == CUDA_KERNEL
 
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _fused_inner_ops(xz: torch.Tensor, d_state: int) -> Optional[InnerOps]:
     """The ops of the fused three-direction function (:mod:`mamba_ssm.ops.tri_orientated`) for this input, or
     None to compose the per-direction autograd functions instead. Fused: on CUDA with both kernels built, for
     the dtypes and state sizes they cover, unless SEGMAMBA_FUSED_MAMBA=0 (for comparison)."""
     if os.environ.get("SEGMAMBA_FUSED_MAMBA", "1") == "0":
         return None
-    if xz.dtype in _KERNEL_DTYPES and d_state <= 64 and _kernels_index_backwards(xz.device):
+    if xz.dtype in KERNEL_DTYPES and d_state <= 64 and _kernels_index_backwards(xz.device):
         return cuda_ops()
     return None
 

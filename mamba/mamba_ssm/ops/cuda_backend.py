@@ -17,7 +17,7 @@ logger = logging.getLogger("mamba_ssm")
 
 _AVAILABLE: Optional[bool] = None
 _EXT = None
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FALLBACK_LOGGED: set = set()
 
 
@@ -47,7 +47,7 @@ def available() -> bool:
 def kernel_supports(u, delta, B, C, A, z=None) -> Optional[str]:
     """None when the kernels handle these arguments, else the reason they do not."""
     dtype = _kernel_dtype(u, delta, B, C, z)
-    if dtype not in _KERNEL_DTYPES:
+    if dtype not in KERNEL_DTYPES:
         return f"dtype {dtype}"
     if B.dim() != 4 or C.dim() != 4:
         return "constant (dim, N) B/C"

@@ -156,8 +156,9 @@ def _direction_backward(ops: InnerOps, src, p, x_dbl, saved, dout, reverse, gemm
                         dC.reshape(batch, n, length).to(x_dbl.dtype)], dim=1)
     # x_dbl = W_x @ u; u also enters the scan: du = du_scan + W_x^T dx_dbl (one GEMM adding into du_scan)
     w_x, u_g = _operands(x_proj_w, u, gemm_dtype)
-    g_x_proj = channels_first_weight_grad(dx_dbl.to(w_x.dtype), u_g).to(x_proj_w.dtype)
-    du = torch.baddbmm(du.to(w_x.dtype), w_x.mT.expand(batch, *w_x.mT.shape), dx_dbl.to(w_x.dtype))
+    dx_dbl = dx_dbl.to(w_x.dtype)
+    g_x_proj = channels_first_weight_grad(dx_dbl, u_g).to(x_proj_w.dtype)
+    du = torch.baddbmm(du.to(w_x.dtype), w_x.mT.expand(batch, *w_x.mT.shape), dx_dbl)
     dx, g_conv_w, g_conv_b = ops.conv_bwd(x, *_conv_weights(conv_w, conv_b), du.to(x.dtype), reverse)
     grads = (g_conv_w.reshape(conv_w.shape).to(conv_w.dtype),
              None if conv_b is None else g_conv_b.to(conv_b.dtype), g_x_proj, g_dt_proj, dA.to(A.dtype),
