@@ -25,6 +25,7 @@ bool g_prefetch = false;  // measured 3-6% faster off on an H200; both variants 
 bool g_lane = true;
 int g_chunks_per_group = 0;
 int g_lane_threads = 0;
+int g_bwd_main_variant = 1;
 
 at::Tensor alloc(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   at::Tensor t = at::empty(sizes, opts);
@@ -114,6 +115,7 @@ Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   p.prefetch = g_prefetch;
   p.lane_kernels = g_lane;
   p.lane_threads = g_lane_threads;
+  p.bwd_main_variant = g_bwd_main_variant;
   p.u = u.data_ptr();
   p.delta = delta.data_ptr();
   p.z = z.has_value() ? z->data_ptr() : nullptr;
@@ -241,6 +243,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_prefetch", [](bool on) { g_prefetch = on; }, "load the next chunk while walking the current one");
   m.def("set_lane_kernels", [](bool on) { g_lane = on; },
         "d_state <= 16: one thread per channel with all 16 states (default on); off = state-split kernels");
+  m.def("set_bwd_main_variant", [](int v) { g_bwd_main_variant = v; },
+        "backward main kernel: 0 the previous one, 1 the reworked one (default), 2 reworked + last-segment reuse");
   m.def("set_lane_threads", [](int n) { g_lane_threads = n; },
         "block size of the lane kernels: 96, 128 or 0 (automatic: 96 when dim splits into warps by 3, not 4)");
   m.def("set_chunks_per_group", [](int n) { g_chunks_per_group = n; },

@@ -303,12 +303,276 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
   }
 }
 
+// Tokens per epilogue window of bwd_main2_kernel: the per-token sums over a channel's LPC lanes (dΔ, du, y
+// parts) are reduce-scattered over a window of W tokens, so that each lane finishes one token of the window.
+template <int NP>
+__host__ __device__ constexpr int epilogue_window() {
+  return Geo<NP>::LPC < kSeg ? Geo<NP>::LPC : kSeg;
+}
+
+template <int NP, bool kReuse>
+__host__ __device__ constexpr int bwd_main2_smem_floats() {
+  return 5 * Geo<NP>::kTile + 2 * Geo<NP>::kBC + (kSegsPerChunk - 1 - kReuse) * kNPT * kThreads +
+         2 * kSeg * Geo<NP>::R * kThreads;
+}
+
+// Sums of P[x][j] (x: the three per-token parts, j: token of the window) over the LPC lanes of a channel,
+// scattered: afterwards P[x][0] of lane q holds the sum for window token q % W (lanes q >= W hold copies).
+template <int NP>
+__device__ __forceinline__ void reduce_scatter_tokens(float (&P)[3][epilogue_window<NP>()], int q) {
+  constexpr int W = epilogue_window<NP>();
+#pragma unroll
+  for (int m = W / 2; m >= 1; m >>= 1) {
+    const bool upper = (q & m) != 0;
+#pragma unroll
+    for (int x = 0; x < 3; ++x)
+#pragma unroll
+      for (int j = 0; j < m; ++j) {
+        const float send = upper ? P[x][j] : P[x][j + m];
+        const float keep = upper ? P[x][j + m] : P[x][j];
+        P[x][j] = keep + __shfl_xor_sync(kFullMask, send, m);
+      }
+  }
+#pragma unroll
+  for (int m = W; m < Geo<NP>::LPC; m <<= 1)
+#pragma unroll
+    for (int x = 0; x < 3; ++x) P[x][0] += __shfl_xor_sync(kFullMask, P[x][0], m);
+}
+
+// The backward main kernel with fewer instructions per update than bwd_main_kernel (same algorithm, same
+// results up to rounding): (1) with kReuse, the forward walk over a chunk leaves the last segment's decays and
+// states in the recompute registers, so that segment is not recomputed and one checkpoint less is kept
+// (H200: no faster, more registers; not the default); (2) h_t is
+// taken from the recompute registers instead of being formed again; (3) the per-token epilogue (dΔ, du, dz,
+// dbias, dD) is spread over the LPC lanes of a channel, one token of a W-token window each, after a
+// reduce-scatter of the three per-token sums, instead of three all-reduces and work on lane q == 0 alone;
+// (4) the dB/dC write-out's index arithmetic is per thread, hoisted out of the chunk loop.
+template <typename T, int NP, bool kReuse>
+__global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool atomic_bc) {
+  using G = Geo<NP>;
+  constexpr int W = epilogue_window<NP>();
+  constexpr int kLast = kSegsPerChunk - 1;
+  static_assert(kSegsPerChunk >= 2 && kSeg % W == 0, "segment layout");
+  extern __shared__ float4 smem4[];
+  float* s_delta = reinterpret_cast<float*>(smem4);
+  float* s_u = s_delta + G::kTile;
+  float* s_dy = s_u + G::kTile;     // dy in; du out (written by the token's epilogue lane after the window)
+  float* s_dzf = s_dy + G::kTile;   // dout·dsilu(z) in; dz out
+  float* s_sig = s_dzf + G::kTile;  // σ(δ + bias) in; dδ out
+  float* s_B = s_sig + G::kTile;
+  float* s_C = s_B + G::kBC;
+  // State before segment seg = 1 .. kLast - 1 (before segment 0 it is the chunk's carried state, re-read from
+  // global; the last segment's states stay in registers from the forward walk).
+  float* s_ckpt = s_C + G::kBC;
+  float* s_red0 = s_ckpt + (kSegsPerChunk - 1 - kReuse) * kNPT * kThreads;  // two buffers: one barrier per segment
+  const Who<NP> w(p.dim);
+  const int b = blockIdx.z;
+  const int tid = threadIdx.x;
+  float A2[kNPT];
+  load_A2<NP>(p, w, A2);
+  const float Dd = (p.D != nullptr && w.active) ? p.D[w.d] : 0.f;
+  float dA_acc[kNPT] = {0.f, 0.f, 0.f, 0.f};
+  float dD_acc = 0.f, dbias_acc = 0.f;  // this lane's epilogue tokens only (summed over the lanes at the end)
+  const int ch_begin = blockIdx.y * p.chunks_per_group;
+  const int ch_end = min(ch_begin + p.chunks_per_group, p.nchunks);
+  const bool epi_lane = w.q < W;
+  const int epi_tok = w.q % W;
+  // This thread's dB/dC output in the write-out after each segment: row `red_row` of every token's partial
+  // sums (rows of 32 lanes x R values), tokens red_tok0, red_tok0 + kRedStep, ... of the segment.
+  constexpr int kRows = 32 * G::R;
+  static_assert(kThreads % kRows == 0, "write-out mapping");
+  constexpr int kRedStep = kThreads / kRows;
+  const int red_row = tid % kRows, red_tok0 = tid / kRows;
+  const int red_ln = red_row / G::R, red_r = red_row % G::R;  // lane and value of the partial sums
+  float* red_dst;
+  bool red_valid;
+  {
+    const int q = red_ln % G::LPC, cw = red_ln / G::LPC;
+    int idx = red_r;
+#pragma unroll
+    for (int l = 0; l < G::LEVELS; ++l)
+      if ((cw >> l) & 1) idx += (4 >> l);
+    const int n = q * kNPT + (idx & 3);
+    red_valid = n < p.dstate;
+    red_dst = ((idx >> 2) ? p.dC : p.dB) + ((size_t)b * p.dstate + (red_valid ? n : 0)) * p.seqlen;
+  }
+  // Adjoint message entering the group from the right; chunks are walked last to first, carrying it.
+  float m[kNPT];
+  load_state<NP>(p, w, p.group_carry, p.ngroups, b, blockIdx.y, m);
+
+  for (int ch = ch_end - 1; ch >= ch_begin; --ch) {
+    const int t0 = ch * kChunk;
+    __syncthreads();
+    {
+      BwdRegs<T, NP> r;
+      BCRegs<T, NP> r_B, r_C;
+      r.load(p, b, t0, /*need_u=*/true);  // all loads issued before any is used
+      r_B.load(p, p.Bm, b, t0);
+      r_C.load(p, p.Cm, b, t0);
+      r.commit(p, t0, s_delta, s_u, s_dy, s_dzf, s_sig);
+      r_B.store(p, s_B);
+      r_C.store(p, s_C);
+    }
+    __syncthreads();
+
+    // Decays a and states before each token (hp) of one segment from the state before it (h, which ends as
+    // the state after the segment).
+    float a[kSeg][kNPT], hp[kSeg][kNPT], h[kNPT];
+    auto walk_segment = [&](int seg) {
+#pragma unroll
+      for (int i = 0; i < kSeg; ++i) {
+        const int t = seg * kSeg + i;
+        const float dl = s_delta[t * G::TS + w.c];
+        const float du = dl * s_u[t * G::TS + w.c];
+        const float4 bv = state4<NP>(s_B, t, w.q);
+        const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+        for (int k = 0; k < kNPT; ++k) {
+          a[i][k] = fast_exp2(dl * A2[k]);
+          hp[i][k] = h[k];
+          h[k] = a[i][k] * h[k] + du * bk[k];
+        }
+      }
+    };
+
+    // Phase 1: walk forward from the chunk's incoming state, checkpointing the state before segments
+    // 1 .. kLast - 1; the last segment is walked into the recompute registers.
+    load_state<NP>(p, w, p.chunk_carry, p.nchunks, b, ch, h);
+    for (int seg = 0; seg < kLast; ++seg) {
+      if (seg > 0) {
+#pragma unroll
+        for (int k = 0; k < kNPT; ++k) s_ckpt[((seg - 1) * kNPT + k) * kThreads + tid] = h[k];
+      }
+#pragma unroll
+      for (int i = 0; i < kSeg; ++i) {
+        const int t = seg * kSeg + i;
+        const float dl = s_delta[t * G::TS + w.c];
+        const float du = dl * s_u[t * G::TS + w.c];
+        const float4 bv = state4<NP>(s_B, t, w.q);
+        h[0] = fast_exp2(dl * A2[0]) * h[0] + du * bv.x;
+        h[1] = fast_exp2(dl * A2[1]) * h[1] + du * bv.y;
+        h[2] = fast_exp2(dl * A2[2]) * h[2] + du * bv.z;
+        h[3] = fast_exp2(dl * A2[3]) * h[3] + du * bv.w;
+      }
+    }
+    if (kReuse) {
+      walk_segment(kLast);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kNPT; ++k) s_ckpt[((kLast - 1) * kNPT + k) * kThreads + tid] = h[k];
+    }
+
+    // Phase 2: segments last to first; recompute decays and states (all but the last), then walk the adjoint
+    // backwards.
+    for (int seg = kLast; seg >= 0; --seg) {
+      float* s_red = s_red0 + (seg & 1) * kSeg * G::R * kThreads;
+      if (!kReuse || seg < kLast) {
+        if (seg > 0) {
+#pragma unroll
+          for (int k = 0; k < kNPT; ++k) h[k] = s_ckpt[((seg - 1) * kNPT + k) * kThreads + tid];
+        } else {
+          load_state<NP>(p, w, p.chunk_carry, p.nchunks, b, ch, h);
+        }
+        walk_segment(seg);
+      }
+      float P[3][W];  // this lane's parts of Σ_n for the window's tokens: dΔ (÷ ln 2, A-part), du, y
+#pragma unroll
+      for (int i = kSeg - 1; i >= 0; --i) {
+        const int t = seg * kSeg + i;
+        const int o = t * G::TS + w.c;
+        const float dl = s_delta[o];
+        const float u = s_u[o];
+        const float dy = s_dy[o];
+        const float dlu = dl * u;
+        const float4 bv = state4<NP>(s_B, t, w.q);
+        const float4 cv = state4<NP>(s_C, t, w.q);
+        const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
+        const float ck[kNPT] = {cv.x, cv.y, cv.z, cv.w};
+        float dl_part = 0.f, du_part = 0.f, y_part = 0.f;
+        float v[8];
+#pragma unroll
+        for (int k = 0; k < kNPT; ++k) {
+          const float hk = i + 1 < kSeg ? hp[(i + 1) % kSeg][k] : h[k];  // state after token t
+          const float lam = dy * ck[k] + m[k];
+          const float ah = a[i][k] * hp[i][k];
+          const float qk = lam * ah;
+          dl_part += A2[k] * qk;
+          du_part += lam * bk[k];
+          y_part += ck[k] * hk;
+          dA_acc[k] += qk * dl;
+          v[k] = lam * dlu;
+          v[kNPT + k] = dy * hk;
+          m[k] = a[i][k] * lam;
+        }
+        P[0][i % W] = dl_part;
+        P[1][i % W] = du_part;
+        P[2][i % W] = y_part;
+        if (i % W == 0) {  // the window's lowest token: finish the window's tokens, one per lane
+          reduce_scatter_tokens<NP>(P, w.q);
+          __syncwarp();  // every lane of the channel has read s_dy of the window before it is overwritten
+          if (epi_lane) {
+            const int oe = (seg * kSeg + i + epi_tok) * G::TS + w.c;
+            const float dle = s_delta[oe], ue = s_u[oe], dye = s_dy[oe];
+            const float ddelta = (P[0][0] * kLn2 + P[1][0] * ue) * s_sig[oe];
+            dbias_acc += ddelta;
+            dD_acc += dye * ue;
+            s_dy[oe] = P[1][0] * dle + Dd * dye;
+            s_sig[oe] = ddelta;
+            s_dzf[oe] = (P[2][0] + Dd * ue) * s_dzf[oe];
+          }
+        }
+        reduce_scatter_channels<NP>(v, w.lane);
+#pragma unroll
+        for (int r = 0; r < G::R; ++r) s_red[(i * G::R + r) * kThreads + tid] = v[r];
+      }
+      __syncthreads();
+      // Sum the warps' partial dB/dC of this segment and write them (once per channel tile).
+      if (red_valid) {
+#pragma unroll
+        for (int i = red_tok0; i < kSeg; i += kRedStep) {
+          float s = 0.f;
+#pragma unroll
+          for (int wp = 0; wp < kThreads / 32; ++wp) s += s_red[(i * G::R + red_r) * kThreads + wp * 32 + red_ln];
+          const int tt = t0 + seg * kSeg + i;
+          if (tt < p.seqlen) {
+            float* dst = red_dst + mem_pos(p, tt);
+            if (atomic_bc) atomicAdd(dst, s); else *dst = s;
+          }
+        }
+      }
+      // No second barrier: the next segment writes the other s_red buffer, and the one after that is
+      // separated from this read by the next segment's barrier.
+    }
+
+    // Per-token outputs of this chunk (every lane's writes are behind the last segment's barrier).
+    __syncthreads();
+    store_tile<T, NP>(p, p.du, s_dy, b, t0);
+    store_tile<T, NP>(p, p.ddelta, s_sig, b, t0);
+    if (p.z != nullptr) store_tile<T, NP>(p, p.dz, s_dzf, b, t0);
+  }
+
+  // Per-block partial sums over its chunks (summed over blocks by the caller).
+  dD_acc = sum_states<NP>(dD_acc);
+  dbias_acc = sum_states<NP>(dbias_acc);
+  const int g = blockIdx.y;
+  if (w.active) {
+#pragma unroll
+    for (int k = 0; k < kNPT; ++k) {
+      const int n = w.q * kNPT + k;
+      if (n < p.dstate) p.dA_part[(((size_t)b * p.ngroups + g) * p.dstate + n) * p.dim + w.d] = dA_acc[k];
+    }
+    if (w.q == 0) {
+      p.dD_part[((size_t)b * p.ngroups + g) * p.dim + w.d] = dD_acc;
+      p.dbias_part[((size_t)b * p.ngroups + g) * p.dim + w.d] = dbias_acc;
+    }
+  }
+}
+
 template <typename T, int NP>
 cudaError_t backward_impl(const Params& p, cudaStream_t stream) {
   using G = Geo<NP>;
   const dim3 grid = main_grid(p, G::CPB);
   const size_t smem_local = (2 * G::kTile + G::kBC) * sizeof(float);
-  const size_t smem_main = bwd_main_smem_floats<NP>() * sizeof(float);
   const bool lane = NP == 16 && p.lane_kernels;  // the first walk in the lane layout
   cudaError_t err = cudaSuccess;
   if (!lane) {
@@ -317,10 +581,17 @@ cudaError_t backward_impl(const Params& p, cudaStream_t stream) {
         return err;
     }
   }
-  err = cudaFuncSetAttribute(bwd_main_kernel<T, NP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_main);
+  const int variant = p.bwd_main_variant;
+  const void* main_fn = variant == 2 ? (const void*)bwd_main2_kernel<T, NP, true>
+                        : variant == 1 ? (const void*)bwd_main2_kernel<T, NP, false>
+                                       : (const void*)bwd_main_kernel<T, NP>;
+  const size_t smem_main = (variant == 2 ? bwd_main2_smem_floats<NP, true>()
+                            : variant == 1 ? bwd_main2_smem_floats<NP, false>()
+                                           : bwd_main_smem_floats<NP>()) * sizeof(float);
+  err = cudaFuncSetAttribute(main_fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_main);
   if (err != cudaSuccess) return err;
   // Ask for the largest shared-memory carveout so that as many blocks as fit can be resident.
-  err = cudaFuncSetAttribute(bwd_main_kernel<T, NP>, cudaFuncAttributePreferredSharedMemoryCarveout,
+  err = cudaFuncSetAttribute(main_fn, cudaFuncAttributePreferredSharedMemoryCarveout,
                              (int)cudaSharedmemCarveoutMaxShared);
   if (err != cudaSuccess) return err;
   if (lane) {
@@ -332,7 +603,9 @@ cudaError_t backward_impl(const Params& p, cudaStream_t stream) {
   }
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if ((err = launch_carry(p, /*reverse=*/true, p.group_local, p.group_carry, stream)) != cudaSuccess) return err;
-  bwd_main_kernel<T, NP><<<grid, kThreads, smem_main, stream>>>(p, grid.x > 1);
+  if (variant == 2) bwd_main2_kernel<T, NP, true><<<grid, kThreads, smem_main, stream>>>(p, grid.x > 1);
+  else if (variant == 1) bwd_main2_kernel<T, NP, false><<<grid, kThreads, smem_main, stream>>>(p, grid.x > 1);
+  else bwd_main_kernel<T, NP><<<grid, kThreads, smem_main, stream>>>(p, grid.x > 1);
   return cudaGetLastError();
 }
 

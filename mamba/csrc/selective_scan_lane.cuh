@@ -264,11 +264,9 @@ __global__ void __launch_bounds__(kThreads, kOut ? 3 : 4) fwd_lane_kernel(Params
 #pragma unroll
         for (int i = 0; i < R::kSub; ++i) {
           const int r = s * R::kSub + i;
-          float dl = 0.f;
-          if (t + i < p.seqlen) {
-            const float x = cd.get(p, i) + bias;
-            dl = p.delta_softplus ? softplus_f(x) : x;
-          }
+          const float x = cd.get(p, i) + bias;
+          float dl = p.delta_softplus ? softplus_f(x) : x;
+          if (t + i >= p.seqlen) dl = 0.f;  // past the end (zero-filled inputs): no decay, no input
           const float u = cu.get(p, i);
           const float du = dl * u;
           float bv[kLaneN];
@@ -349,11 +347,9 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {
 #pragma unroll
         for (int i = R::kSub - 1; i >= 0; --i) {
           const int r = s * R::kSub + i;
-          float dl = 0.f;
-          if (t + i < p.seqlen) {
-            const float x = cd.get(p, i) + bias;
-            dl = p.delta_softplus ? softplus_f(x) : x;
-          }
+          const float x = cd.get(p, i) + bias;
+          float dl = p.delta_softplus ? softplus_f(x) : x;
+          if (t + i >= p.seqlen) dl = 0.f;  // past the end (zero-filled inputs): no decay, no input
           float dy = cg.get(p, i);
           if (has_z) {
             const float z = cz.get(p, i);
