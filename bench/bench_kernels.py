@@ -100,6 +100,8 @@ def main():
     ap.add_argument("--no_pytorch", action="store_true", help="skip the (slow) chunked PyTorch comparison")
     ap.add_argument("--lane_threads", default="", help="comma-separated lane-kernel block sizes to time as well")
     ap.add_argument("--cpg", default="", help="comma-separated group sizes (chunks per block) to time as well")
+    ap.add_argument("--bwd_variants", default="",
+                    help="comma-separated backward main kernels to time as well (0 previous, 1 default, 2 reuse)")
     args = ap.parse_args()
     from mamba_ssm.ops import active_backend
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -124,6 +126,13 @@ def main():
                 r["impl"] = f"kernel-{label}{v}"
                 res["scan"].append(r)
         setter(0)
+    for v in [int(c) for c in args.bwd_variants.split(",") if c]:
+        ext.set_bwd_main_variant(v)
+        for dt in (torch.float32, torch.float16):
+            r = bench_scan(dt)
+            r["impl"] = f"kernel-bwd{v}"
+            res["scan"].append(r)
+        ext.set_bwd_main_variant(1)
     for dt in (torch.float32, torch.float16):  # the reverse direction, walked backwards by indexing
         r = bench_scan(dt, reverse=True)
         r["impl"] = "kernel-reverse"

@@ -2,7 +2,9 @@
 # GPU session for scan-kernel work (one device call): build, the kernel test module (error table), the kernel
 # benchmark, Nsight Compute stall reasons and pipe use of the walk kernels at the benchmark shape (fp32), and
 # the SASS of the float32 walk kernels (instruction counts per kernel, archived).
-#   OUT=$OUT bash bench/gpu_scan_probe_session.sh          (env: TESTS=0 skips the tests, BENCH_ARGS, NCU=0)
+#   OUT=$OUT bash bench/gpu_scan_probe_session.sh
+# env: TESTS=0 skips the tests, TEST_VARIANTS="0 2" repeats them per backward main kernel, BENCH_ARGS,
+# NCU=0, NCU_KERNELS (regex), SASS_KERNELS (mangled-name fragments).
 source bench/gpu_session_env.sh
 build_extensions
 if [ "${TESTS:-1}" != 0 ]; then
@@ -10,11 +12,16 @@ if [ "${TESTS:-1}" != 0 ]; then
     --tb=short -x tests/test_cuda_kernels.py ${TEST_ARGS:-} > "$OUT/tests_kernels.txt" 2>&1
   grep -E "passed|failed|Error" "$OUT/tests_kernels.txt" | tail -4
   echo "kernel tests done after $(( $(date +%s) - start )) s"
+  for v in ${TEST_VARIANTS:-}; do  # the other backward main kernels, on the same tests
+    SEGMAMBA_SCAN_BWD_MAIN=$v timeout ${TEST_TIMEOUT:-240} python -m pytest -q -p no:cacheprovider --tb=short -x \
+      tests/test_cuda_kernels.py ${TEST_ARGS:-} > "$OUT/tests_kernels_bwd$v.txt" 2>&1
+    echo "backward main variant $v: $(grep -E 'passed|failed' "$OUT/tests_kernels_bwd$v.txt" | tail -1)"
+  done
 fi
 timeout ${BENCH_TIMEOUT:-150} python bench/bench_kernels.py --no_pytorch --out "$OUT/bench_kernels.json" ${BENCH_ARGS:-} 2>&1 | tail -16
 echo "bench done after $(( $(date +%s) - start )) s"
 if [ "${NCU:-1}" != 0 ]; then
-  timeout ${NCU_TIMEOUT:-150} ncu --clock-control none -k regex:"lane|bwd_main" --launch-count 4 \
+  timeout ${NCU_TIMEOUT:-150} ncu --clock-control none -k regex:"${NCU_KERNELS:-lane|bwd_main}" --launch-count 4 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
     --metrics "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum,sm__warps_active.avg.per_cycle_active" \
     python bench/ncu_scan.py float32 > "$OUT/ncu_stalls.txt" 2>&1
@@ -23,7 +30,7 @@ fi
 so=$(ls mamba/mamba_ssm/_selective_scan_cuda*.so | head -1)
 if command -v cuobjdump >/dev/null; then
   mkdir -p /tmp/sass
-  for k in fwd_lane_kernelIfLb1 fwd_lane_kernelIfLb0 bwd_lane_local_kernelIf bwd_main_kernelIfLi16; do
+  for k in ${SASS_KERNELS:-fwd_lane_kernelIfLb1 fwd_lane_kernelIfLb0 bwd_lane_local_kernelIf bwd_main_kernelIfLi16}; do
     cuobjdump -sass "$so" | awk -v k="$k" '/Function :/ {on = index($0, k) > 0} on' > /tmp/sass/$k.sass
     printf "%-28s %6d instructions\n" $k $(grep -cE '^\s+/\*[0-9a-f]{4}\*/' /tmp/sass/$k.sass)
   done
