@@ -101,7 +101,7 @@ def main():
     ap.add_argument("--lane_threads", default="", help="comma-separated lane-kernel block sizes to time as well")
     ap.add_argument("--cpg", default="", help="comma-separated group sizes (chunks per block) to time as well")
     ap.add_argument("--bwd_variants", default="",
-                    help="comma-separated backward main kernels to time as well (0 previous, 1 default, 2 reuse)")
+                    help="comma-separated backward main kernels to time as well (0 previous, 1 default)")
     args = ap.parse_args()
     from mamba_ssm.ops import active_backend
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,

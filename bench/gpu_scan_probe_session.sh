@@ -3,7 +3,7 @@
 # benchmark, Nsight Compute stall reasons and pipe use of the walk kernels at the benchmark shape (fp32), and
 # the SASS of the float32 walk kernels (instruction counts per kernel, archived).
 #   OUT=$OUT bash bench/gpu_scan_probe_session.sh
-# env: TESTS=0 skips the tests, TEST_VARIANTS="0 2" repeats them per backward main kernel, BENCH_ARGS,
+# env: TESTS=0 skips the tests, TEST_VARIANTS="0" repeats them per backward main kernel, BENCH_ARGS,
 # NCU=0, NCU_KERNELS (regex), SASS_KERNELS (mangled-name fragments).
 source bench/gpu_session_env.sh
 build_extensions

@@ -244,7 +244,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_lane_kernels", [](bool on) { g_lane = on; },
         "d_state <= 16: one thread per channel with all 16 states (default on); off = state-split kernels");
   m.def("set_bwd_main_variant", [](int v) { g_bwd_main_variant = v; },
-        "backward main kernel: 0 the previous one, 1 the reworked one (default), 2 reworked + last-segment reuse");
+        "backward main kernel: 0 the previous one, 1 the reworked one (default)");
   m.def("set_lane_threads", [](int n) { g_lane_threads = n; },
         "block size of the lane kernels: 96, 128 or 0 (automatic: 96 when dim splits into warps by 3, not 4)");
   m.def("set_chunks_per_group", [](int n) { g_chunks_per_group = n; },

@@ -34,8 +34,7 @@ struct Params {
   bool reverse = false;  // walk the sequence last-to-first: logical token t is memory position seqlen - 1 - t
   bool lane_kernels = true;  // d_state <= 16: one thread per channel holding all 16 states (selective_scan_lane.cuh)
   int lane_threads = 0;      // block size of the lane kernels: 96, 128 or 0 (chosen from dim)
-  int bwd_main_variant = 1;  // backward main kernel: 0 bwd_main_kernel, 1 bwd_main2_kernel, 2 the same reusing
-                             // the last segment's forward walk
+  int bwd_main_variant = 1;  // backward main kernel: 0 bwd_main_kernel (the previous one), else bwd_main2_kernel
 
   const void* u = nullptr;
   const void* delta = nullptr;

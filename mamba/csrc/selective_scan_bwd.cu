@@ -117,6 +117,23 @@ __global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : kBwdLocalMinBlocks) 
   store_state<NP>(p, w, p.group_local, p.ngroups, b, blockIdx.y, m);
 }
 
+// Stages one chunk for the backward main kernels: five [token][channel] tiles from s_delta on (Δ, u, dy,
+// dout·dsilu(z), σ(δ + bias)), then the B and C [token][state] tiles from s_B on; all loads are issued before
+// any is used.
+template <typename T, int NP>
+__device__ __forceinline__ void stage_main_chunk(const Params& p, int b, int t0, float* s_delta, float* s_B) {
+  using G = Geo<NP>;
+  BwdRegs<T, NP> r;
+  BCRegs<T, NP> r_B, r_C;
+  r.load(p, b, t0, /*need_u=*/true);
+  r_B.load(p, p.Bm, b, t0);
+  r_C.load(p, p.Cm, b, t0);
+  r.commit(p, t0, s_delta, s_delta + G::kTile, s_delta + 2 * G::kTile, s_delta + 3 * G::kTile,
+           s_delta + 4 * G::kTile);
+  r_B.store(p, s_B);
+  r_C.store(p, s_B + G::kBC);
+}
+
 template <int NP>
 __host__ __device__ constexpr int bwd_main_smem_floats() {
   return 5 * Geo<NP>::kTile + 2 * Geo<NP>::kBC + (kSegsPerChunk - 1) * kNPT * kThreads +
@@ -155,16 +172,7 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
   for (int ch = ch_end - 1; ch >= ch_begin; --ch) {
     const int t0 = ch * kChunk;
     __syncthreads();
-    {
-      BwdRegs<T, NP> r;
-      BCRegs<T, NP> r_B, r_C;
-      r.load(p, b, t0, /*need_u=*/true);  // all loads issued before any is used
-      r_B.load(p, p.Bm, b, t0);
-      r_C.load(p, p.Cm, b, t0);
-      r.commit(p, t0, s_delta, s_u, s_dy, s_dzf, s_sig);
-      r_B.store(p, s_B);
-      r_C.store(p, s_C);
-    }
+    stage_main_chunk<T, NP>(p, b, t0, s_delta, s_B);
     __syncthreads();
 
     // Phase 1: walk forward from the chunk's incoming state, checkpointing the state before each segment.
@@ -176,16 +184,7 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
         for (int k = 0; k < kNPT; ++k) s_ckpt[((seg - 1) * kNPT + k) * kThreads + tid] = h[k];
       }
 #pragma unroll
-      for (int i = 0; i < kSeg; ++i) {
-        const int t = seg * kSeg + i;
-        const float dl = s_delta[t * G::TS + w.c];
-        const float du = dl * s_u[t * G::TS + w.c];
-        const float4 bv = state4<NP>(s_B, t, w.q);
-        h[0] = fast_exp2(dl * A2[0]) * h[0] + du * bv.x;
-        h[1] = fast_exp2(dl * A2[1]) * h[1] + du * bv.y;
-        h[2] = fast_exp2(dl * A2[2]) * h[2] + du * bv.z;
-        h[3] = fast_exp2(dl * A2[3]) * h[3] + du * bv.w;
-      }
+      for (int i = 0; i < kSeg; ++i) walk_token<NP>(s_delta, s_u, s_B, seg * kSeg + i, w, A2, h);
     }
 
     // Phase 2: segments last to first; recompute decays and states, then walk the adjoint backwards.
@@ -310,9 +309,9 @@ __host__ __device__ constexpr int epilogue_window() {
   return Geo<NP>::LPC < kSeg ? Geo<NP>::LPC : kSeg;
 }
 
-template <int NP, bool kReuse>
+template <int NP>
 __host__ __device__ constexpr int bwd_main2_smem_floats() {
-  return 5 * Geo<NP>::kTile + 2 * Geo<NP>::kBC + (kSegsPerChunk - 1 - kReuse) * kNPT * kThreads +
+  return 5 * Geo<NP>::kTile + 2 * Geo<NP>::kBC + (kSegsPerChunk - 1) * kNPT * kThreads +
          2 * kSeg * Geo<NP>::R * kThreads;
 }
 
@@ -340,14 +339,12 @@ __device__ __forceinline__ void reduce_scatter_tokens(float (&P)[3][epilogue_win
 }
 
 // The backward main kernel with fewer instructions per update than bwd_main_kernel (same algorithm, same
-// results up to rounding): (1) with kReuse, the forward walk over a chunk leaves the last segment's decays and
-// states in the recompute registers, so that segment is not recomputed and one checkpoint less is kept
-// (H200: no faster, more registers; not the default); (2) h_t is
-// taken from the recompute registers instead of being formed again; (3) the per-token epilogue (dΔ, du, dz,
+// results up to rounding): (1) h_t is
+// taken from the recompute registers instead of being formed again; (2) the per-token epilogue (dΔ, du, dz,
 // dbias, dD) is spread over the LPC lanes of a channel, one token of a W-token window each, after a
 // reduce-scatter of the three per-token sums, instead of three all-reduces and work on lane q == 0 alone;
-// (4) the dB/dC write-out's index arithmetic is per thread, hoisted out of the chunk loop.
-template <typename T, int NP, bool kReuse>
+// (3) the dB/dC write-out's index arithmetic is per thread, hoisted out of the chunk loop.
+template <typename T, int NP>
 __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool atomic_bc) {
   using G = Geo<NP>;
   constexpr int W = epilogue_window<NP>();
@@ -361,10 +358,10 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
   float* s_sig = s_dzf + G::kTile;  // σ(δ + bias) in; dδ out
   float* s_B = s_sig + G::kTile;
   float* s_C = s_B + G::kBC;
-  // State before segment seg = 1 .. kLast - 1 (before segment 0 it is the chunk's carried state, re-read from
-  // global; the last segment's states stay in registers from the forward walk).
+  // State before segment seg = 1 .. kLast in slot seg - 1 (before segment 0 it is the chunk's carried state,
+  // re-read from global).
   float* s_ckpt = s_C + G::kBC;
-  float* s_red0 = s_ckpt + (kSegsPerChunk - 1 - kReuse) * kNPT * kThreads;  // two buffers: one barrier per segment
+  float* s_red0 = s_ckpt + (kSegsPerChunk - 1) * kNPT * kThreads;  // two buffers: one barrier per segment
   const Who<NP> w(p.dim);
   const int b = blockIdx.z;
   const int tid = threadIdx.x;
@@ -403,16 +400,7 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
   for (int ch = ch_end - 1; ch >= ch_begin; --ch) {
     const int t0 = ch * kChunk;
     __syncthreads();
-    {
-      BwdRegs<T, NP> r;
-      BCRegs<T, NP> r_B, r_C;
-      r.load(p, b, t0, /*need_u=*/true);  // all loads issued before any is used
-      r_B.load(p, p.Bm, b, t0);
-      r_C.load(p, p.Cm, b, t0);
-      r.commit(p, t0, s_delta, s_u, s_dy, s_dzf, s_sig);
-      r_B.store(p, s_B);
-      r_C.store(p, s_C);
-    }
+    stage_main_chunk<T, NP>(p, b, t0, s_delta, s_B);
     __syncthreads();
 
     // Decays a and states before each token (hp) of one segment from the state before it (h, which ends as
@@ -435,46 +423,26 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
       }
     };
 
-    // Phase 1: walk forward from the chunk's incoming state, checkpointing the state before segments
-    // 1 .. kLast - 1; the last segment is walked into the recompute registers.
+    // Phase 1: walk forward from the chunk's incoming state (all but the last segment), checkpointing the
+    // state before segments 1 .. kLast (slot seg - 1).
     load_state<NP>(p, w, p.chunk_carry, p.nchunks, b, ch, h);
     for (int seg = 0; seg < kLast; ++seg) {
-      if (seg > 0) {
 #pragma unroll
-        for (int k = 0; k < kNPT; ++k) s_ckpt[((seg - 1) * kNPT + k) * kThreads + tid] = h[k];
-      }
+      for (int i = 0; i < kSeg; ++i) walk_token<NP>(s_delta, s_u, s_B, seg * kSeg + i, w, A2, h);
 #pragma unroll
-      for (int i = 0; i < kSeg; ++i) {
-        const int t = seg * kSeg + i;
-        const float dl = s_delta[t * G::TS + w.c];
-        const float du = dl * s_u[t * G::TS + w.c];
-        const float4 bv = state4<NP>(s_B, t, w.q);
-        h[0] = fast_exp2(dl * A2[0]) * h[0] + du * bv.x;
-        h[1] = fast_exp2(dl * A2[1]) * h[1] + du * bv.y;
-        h[2] = fast_exp2(dl * A2[2]) * h[2] + du * bv.z;
-        h[3] = fast_exp2(dl * A2[3]) * h[3] + du * bv.w;
-      }
-    }
-    if (kReuse) {
-      walk_segment(kLast);
-    } else {
-#pragma unroll
-      for (int k = 0; k < kNPT; ++k) s_ckpt[((kLast - 1) * kNPT + k) * kThreads + tid] = h[k];
+      for (int k = 0; k < kNPT; ++k) s_ckpt[(seg * kNPT + k) * kThreads + tid] = h[k];
     }
 
-    // Phase 2: segments last to first; recompute decays and states (all but the last), then walk the adjoint
-    // backwards.
+    // Phase 2: segments last to first; recompute decays and states, then walk the adjoint backwards.
     for (int seg = kLast; seg >= 0; --seg) {
       float* s_red = s_red0 + (seg & 1) * kSeg * G::R * kThreads;
-      if (!kReuse || seg < kLast) {
-        if (seg > 0) {
+      if (seg > 0) {
 #pragma unroll
-          for (int k = 0; k < kNPT; ++k) h[k] = s_ckpt[((seg - 1) * kNPT + k) * kThreads + tid];
-        } else {
-          load_state<NP>(p, w, p.chunk_carry, p.nchunks, b, ch, h);
-        }
-        walk_segment(seg);
+        for (int k = 0; k < kNPT; ++k) h[k] = s_ckpt[((seg - 1) * kNPT + k) * kThreads + tid];
+      } else {
+        load_state<NP>(p, w, p.chunk_carry, p.nchunks, b, ch, h);
       }
+      walk_segment(seg);
       float P[3][W];  // this lane's parts of Σ_n for the window's tokens: dΔ (÷ ln 2, A-part), du, y
 #pragma unroll
       for (int i = kSeg - 1; i >= 0; --i) {
@@ -581,13 +549,9 @@ cudaError_t backward_impl(const Params& p, cudaStream_t stream) {
         return err;
     }
   }
-  const int variant = p.bwd_main_variant;
-  const void* main_fn = variant == 2 ? (const void*)bwd_main2_kernel<T, NP, true>
-                        : variant == 1 ? (const void*)bwd_main2_kernel<T, NP, false>
-                                       : (const void*)bwd_main_kernel<T, NP>;
-  const size_t smem_main = (variant == 2 ? bwd_main2_smem_floats<NP, true>()
-                            : variant == 1 ? bwd_main2_smem_floats<NP, false>()
-                                           : bwd_main_smem_floats<NP>()) * sizeof(float);
+  const bool v2 = p.bwd_main_variant != 0;
+  const void* main_fn = v2 ? (const void*)bwd_main2_kernel<T, NP> : (const void*)bwd_main_kernel<T, NP>;
+  const size_t smem_main = (v2 ? bwd_main2_smem_floats<NP>() : bwd_main_smem_floats<NP>()) * sizeof(float);
   err = cudaFuncSetAttribute(main_fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_main);
   if (err != cudaSuccess) return err;
   // Ask for the largest shared-memory carveout so that as many blocks as fit can be resident.
@@ -603,8 +567,7 @@ cudaError_t backward_impl(const Params& p, cudaStream_t stream) {
   }
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if ((err = launch_carry(p, /*reverse=*/true, p.group_local, p.group_carry, stream)) != cudaSuccess) return err;
-  if (variant == 2) bwd_main2_kernel<T, NP, true><<<grid, kThreads, smem_main, stream>>>(p, grid.x > 1);
-  else if (variant == 1) bwd_main2_kernel<T, NP, false><<<grid, kThreads, smem_main, stream>>>(p, grid.x > 1);
+  if (v2) bwd_main2_kernel<T, NP><<<grid, kThreads, smem_main, stream>>>(p, grid.x > 1);
   else bwd_main_kernel<T, NP><<<grid, kThreads, smem_main, stream>>>(p, grid.x > 1);
   return cudaGetLastError();
 }

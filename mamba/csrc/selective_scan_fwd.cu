@@ -41,14 +41,7 @@ __global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : kFwdLocalMinBlocks) 
     if (kPrefetch && ch + 1 < ch_end) prefetch(ch + 1);
 #pragma unroll 4
     for (int t = 0; t < kChunk; ++t) {
-      const float dl = s_delta[t * G::TS + w.c];
-      const float du = dl * s_u[t * G::TS + w.c];
-      const float4 bv = state4<NP>(s_B, t, w.q);
-      h[0] = fast_exp2(dl * A2[0]) * h[0] + du * bv.x;
-      h[1] = fast_exp2(dl * A2[1]) * h[1] + du * bv.y;
-      h[2] = fast_exp2(dl * A2[2]) * h[2] + du * bv.z;
-      h[3] = fast_exp2(dl * A2[3]) * h[3] + du * bv.w;
-      dsum += dl;
+      dsum += walk_token<NP>(s_delta, s_u, s_B, t, w, A2, h);
     }
   }
   store_state<NP>(p, w, p.group_local, p.ngroups, b, blockIdx.y, h);

@@ -360,6 +360,21 @@ __device__ __forceinline__ float4 state4(const float* tile, int t, int q) {
   return *reinterpret_cast<const float4*>(tile + t * Geo<NP>::BS + q * kNPT);
 }
 
+// One token of the state-split forward recurrence for this thread's kNPT states: h = exp2(Δ·A2)·h + Δ·u·B_t,
+// Δ and u from [token][channel] tiles, B from a [token][state] tile. Returns Δ.
+template <int NP>
+__device__ __forceinline__ float walk_token(const float* s_delta, const float* s_u, const float* s_B, int t,
+                                           const Who<NP>& w, const float (&A2)[kNPT], float (&h)[kNPT]) {
+  const float dl = s_delta[t * Geo<NP>::TS + w.c];
+  const float du = dl * s_u[t * Geo<NP>::TS + w.c];
+  const float4 bv = state4<NP>(s_B, t, w.q);
+  h[0] = fast_exp2(dl * A2[0]) * h[0] + du * bv.x;
+  h[1] = fast_exp2(dl * A2[1]) * h[1] + du * bv.y;
+  h[2] = fast_exp2(dl * A2[2]) * h[2] + du * bv.z;
+  h[3] = fast_exp2(dl * A2[3]) * h[3] + du * bv.w;
+  return dl;
+}
+
 // Per-chunk (rows = nchunks) and per-group (rows = ngroups) state arrays, both (batch, rows, dstate, dim).
 __device__ __forceinline__ size_t state_idx(const Params& p, int rows, int b, int r, int n, int d) {
   return (((size_t)b * rows + r) * p.dstate + n) * p.dim + d;

@@ -39,7 +39,7 @@ def available() -> bool:
                 value = os.environ.get(name)
                 if value is not None and hasattr(_EXT, setter):
                     getattr(_EXT, setter)(value != "0")
-            value = os.environ.get("SEGMAMBA_SCAN_BWD_MAIN")  # backward main kernel variant (0, 1, 2)
+            value = os.environ.get("SEGMAMBA_SCAN_BWD_MAIN")  # backward main kernel: 0 previous, 1 default
             if value is not None and hasattr(_EXT, "set_bwd_main_variant"):
                 _EXT.set_bwd_main_variant(int(value))
         except ImportError:
