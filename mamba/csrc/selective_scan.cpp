@@ -132,7 +132,10 @@ Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
              (p.z == nullptr || (aligned16(p.z) && p.z_batch_stride % 8 == 0));
   // Chunks per group (walked serially by one block): enough independent walks to fill the GPU several times
   // over (for d_state <= 16 warps of 32 channels, as the lane kernels walk; else blocks of the state-split
-  // kernels), grid.y within limits. The backward must use the forward's grouping (group_dsum is per group):
+  // kernels), grid.y within limits. d_state <= 16 aims at 64 warp walks per SM: at B=2, D=96, L=262144 on an
+  // H200 that is 2 chunks per group (the earlier 24 gave 7: 1172 lane blocks, 2.2 waves of the output walk's 528
+  // resident blocks); forward+backward 3.45 -> 3.36 ms (float32), 3.11 -> 3.01 ms (float16), sums of the scan
+  // kernels' times (bench/profile_scan.py --kernels; 3 chunks measured the same, 4 and 5 in between, 8 slower). The backward must use the forward's grouping (group_dsum is per group):
   // the rule depends only on the shapes and the device, not on set_lane_kernels, so that switch may change
   // between a forward and its backward; set_chunks_per_group may not.
   const int tiles = selective_scan::channel_tiles(p.dim, p.dstate);
@@ -140,7 +143,7 @@ Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   const bool n16 = selective_scan::padded_dstate(p.dstate) == 16;
   const long long walks = n16 ? (long long)p.batch * ((p.dim + 31) / 32) * p.nchunks
                               : (long long)p.batch * tiles * p.nchunks;
-  long long per_group = g_chunks_per_group > 0 ? g_chunks_per_group : walks / ((long long)sms * (n16 ? 24 : 12));
+  long long per_group = g_chunks_per_group > 0 ? g_chunks_per_group : walks / ((long long)sms * (n16 ? 64 : 12));
   if (per_group < 1) per_group = 1;
   if (per_group > 16 && g_chunks_per_group <= 0) per_group = 16;
   while ((p.nchunks + per_group - 1) / per_group > 65535) ++per_group;

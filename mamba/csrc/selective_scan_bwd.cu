@@ -379,6 +379,7 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
   constexpr int kRows = 32 * G::R;
   static_assert(kThreads % kRows == 0, "write-out mapping");
   constexpr int kRedStep = kThreads / kRows;
+  static_assert(kSeg % kRedStep == 0, "write-out mapping");
   const int red_row = tid % kRows, red_tok0 = tid / kRows;
   const int red_ln = red_row / G::R, red_r = red_row % G::R;  // lane and value of the partial sums
   float* red_dst;
@@ -497,7 +498,8 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
       // Sum the warps' partial dB/dC of this segment and write them (once per channel tile).
       if (red_valid) {
 #pragma unroll
-        for (int i = red_tok0; i < kSeg; i += kRedStep) {
+        for (int j = 0; j < kSeg / kRedStep; ++j) {  // a fixed trip count: unrolled, no loop control
+          const int i = red_tok0 + j * kRedStep;
           float s = 0.f;
 #pragma unroll
           for (int wp = 0; wp < kThreads / 32; ++wp) s += s_red[(i * G::R + red_r) * kThreads + wp * 32 + red_ln];
