@@ -3,8 +3,9 @@
 # benchmark, Nsight Compute stall reasons and pipe use of the walk kernels at the benchmark shape (fp32), and
 # the SASS of the float32 walk kernels (instruction counts per kernel, archived).
 #   OUT=$OUT bash bench/gpu_scan_probe_session.sh
-# env: TESTS=0 skips the tests, TEST_VARIANTS="0" repeats them per backward main kernel, BENCH_ARGS,
-# NCU=0, NCU_KERNELS (regex), SASS_KERNELS (mangled-name fragments).
+# env: TESTS=0 skips the tests, SANITIZE=1 runs compute-sanitizer memcheck and racecheck, TEST_VARIANTS="0" repeats them per backward main kernel, BENCH_ARGS,
+# NCU=0, NCU_KERNELS (regex), SASS_KERNELS (mangled-name fragments), PROFILE_ENVS="SEGMAMBA_SCAN_CPG=2 ..." times
+# each kernel (bench/profile_scan.py --kernels) once per space-separated (comma-joined) environment setting.
 source bench/gpu_session_env.sh
 build_extensions
 if [ "${TESTS:-1}" != 0 ]; then
@@ -18,8 +19,21 @@ if [ "${TESTS:-1}" != 0 ]; then
     echo "backward main variant $v: $(grep -E 'passed|failed' "$OUT/tests_kernels_bwd$v.txt" | tail -1)"
   done
 fi
+if [ "${SANITIZE:-0}" != 0 ]; then  # compute-sanitizer on bench/sanitize_kernels.py
+  for tool in memcheck racecheck; do
+    timeout ${SANITIZE_TIMEOUT:-120} compute-sanitizer --tool $tool --print-limit 20 python bench/sanitize_kernels.py \
+      > "$OUT/sanitizer_$tool.txt" 2>&1
+    echo "$tool: $(grep -E 'SUMMARY|finished' "$OUT/sanitizer_$tool.txt" | tr '\n' ' ')"
+  done
+fi
 timeout ${BENCH_TIMEOUT:-150} python bench/bench_kernels.py --no_pytorch --out "$OUT/bench_kernels.json" ${BENCH_ARGS:-} 2>&1 | tail -16
 echo "bench done after $(( $(date +%s) - start )) s"
+for e in ${PROFILE_ENVS:-}; do  # per-kernel times under comma-separated environment settings, e.g. SEGMAMBA_SCAN_CPG=4
+  env ${e//,/ } timeout 90 python bench/profile_scan.py --kernels > "$OUT/profile_${e//[=,]/_}.txt" 2>&1
+  echo "profile $e:"
+  awk '/CUDA time per/ {if (n) print "    sum of the scan kernels", s; s = 0; n = 1; print; next}
+       /lane|bwd_main|carry/ {s += $1; print} END {print "    sum of the scan kernels", s}' "$OUT/profile_${e//[=,]/_}.txt"
+done
 if [ "${NCU:-1}" != 0 ]; then
   timeout ${NCU_TIMEOUT:-150} ncu --clock-control none -k regex:"${NCU_KERNELS:-lane|bwd_main}" --launch-count 4 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \

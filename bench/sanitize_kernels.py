@@ -6,7 +6,7 @@
 Covers a partial last chunk, several chunk groups, N padding and several channel tiles (atomics), each in the
 forward and the reverse (backwards-indexed) direction, with automatic and forced group sizes (groups of
 several chunks walked serially by one block), on the lane kernels (96- and 128-thread blocks) and the
-state-split ones."""
+state-split ones, and the lane walks' cp.async ring (16-bit vector rows)."""
 import torch
 
 from causal_conv1d import causal_conv1d_fn
@@ -16,7 +16,9 @@ from mamba_ssm.ops import cuda_backend, selective_scan_fn
 def main():
     torch.manual_seed(0)
     cases = [(1, 40, 150, 16, torch.float32), (2, 136, 77, 5, torch.bfloat16), (1, 16, 70, 64, torch.float16),
-             (2, 40, 160, 16, torch.float32), (1, 72, 136, 32, torch.float16), (2, 96, 328, 16, torch.float32)]
+             (2, 40, 160, 16, torch.float32), (1, 72, 136, 32, torch.float16), (2, 96, 328, 16, torch.float32),
+             # 16-bit vector rows (L % 8 == 0, d_state 16): the lane walks' cp.async ring
+             (2, 40, 160, 16, torch.bfloat16), (1, 96, 328, 16, torch.float16)]
     cuda_backend.available()
     ext = cuda_backend._EXT
     runs = [(c, r, cpg) for c in cases for r in (False, True) for cpg in (0, 2)]

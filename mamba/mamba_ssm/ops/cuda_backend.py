@@ -42,6 +42,9 @@ def available() -> bool:
             value = os.environ.get("SEGMAMBA_SCAN_BWD_MAIN")  # backward main kernel: 0 previous, 1 default
             if value is not None and hasattr(_EXT, "set_bwd_main_variant"):
                 _EXT.set_bwd_main_variant(int(value))
+            value = os.environ.get("SEGMAMBA_SCAN_CPG")  # chunks per group (0 = chosen from the GPU's size)
+            if value is not None and hasattr(_EXT, "set_chunks_per_group"):
+                _EXT.set_chunks_per_group(int(value))
         except ImportError:
             _AVAILABLE = False
     return _AVAILABLE
