@@ -298,8 +298,14 @@ constexpr int fwd_lane_stages() { return kOut ? 3 : 4; }  // ring slots (4 block
 template <typename T, bool kOut, int IO>
 using FwdRing = LaneRing<T, IO, fwd_lane_rows<kOut>(), fwd_lane_stages<kOut>()>;
 
+// Resident blocks asked of the compiler (register cap): the output walk 3 (168 registers; 4 for the 16-bit ring
+// version fits 128 without spills but measured 2.5% slower), the first walk 4, or 5 with the 16-bit ring (94
+// registers, 7 resident 96-thread blocks instead of 5: -6%; H200, bench/profile_scan.py --kernels).
+template <typename T, bool kOut, int IO>
+constexpr int fwd_lane_min_blocks() { return kOut ? 3 : (lane_ring<T, IO>() ? 5 : 4); }
+
 template <typename T, bool kOut, int IO, int kPoly>
-__global__ void __launch_bounds__(kThreads, kOut ? 3 : 4) fwd_lane_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, fwd_lane_min_blocks<T, kOut, IO>()) fwd_lane_kernel(Params p) {
   using R = LaneRow<T, IO>;
   constexpr int kSubs = kChunk / R::kSub;
   constexpr bool kRing = lane_ring<T, IO>();
@@ -435,7 +441,7 @@ template <typename T, int IO>
 using BwdLocalRing = LaneRing<T, IO, 3, 3>;  // Δ, dout, z; 3 slots (6 blocks of 96 threads fit per SM)
 
 template <typename T, int IO, int kPoly>
-__global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {  // (5 measured no faster)
   using R = LaneRow<T, IO>;
   constexpr int kSubs = kChunk / R::kSub;
   constexpr bool kRing = lane_ring<T, IO>();
