@@ -131,24 +131,28 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // in shared memory, kStages - 1 sub-chunks ahead of the walk, by cp.async, instead of the next sub-chunk being
 // held in registers (one ahead). With the register path the walks stall on global loads much of the time (Nsight
 // Compute, H200, float32 output walk: 2.6 long-scoreboard stall cycles per issued instruction at 2.7 warps per
-// scheduler; 0.4 with the ring, where the stalls move to shared-memory / MUFU results). Each thread copies and reads only its own slots (granule-major, threads fastest: 16-byte
-// accesses without bank conflicts), so no barrier is needed, only cp.async.wait_group; a slot is refilled only after
-// the copy into it was waited for (compute-sanitizer racecheck flags two copies into one slot in flight).
+// scheduler; 0.4 with the ring, where the stalls move to shared-memory / MUFU results). Each thread copies and
+// reads only its own slots (granule-major, threads fastest: 16-byte accesses without bank conflicts), so no
+// barrier is needed, only cp.async.wait_group; a slot is refilled only after the copy into it was waited for
+// (compute-sanitizer racecheck flags two copies into one slot in flight).
 template <typename T, int IO, int kRows, int kStages>
 struct LaneRing {
   using R = LaneRow<T, IO>;
   static constexpr int kPerStage = kRows * R::kNG;  // 16-byte granules per thread and stage
   uint4* base;                                      // this thread's granule 0 of stage 0 (granules strided by nt)
   int nt;
-  __device__ __forceinline__ explicit LaneRing(void* smem) : base(static_cast<uint4*>(smem) + threadIdx.x), nt(blockDim.x) {}
+  __device__ __forceinline__ explicit LaneRing(void* smem)
+      : base(static_cast<uint4*>(smem) + threadIdx.x), nt(blockDim.x) {}
   static size_t bytes(int nthreads) { return (size_t)kStages * kPerStage * nthreads * sizeof(uint4); }
-  // Copies logical tokens [t, t + kSub) of the rows (nullptr: absent, skipped) into the slot of sub-chunk j;
-  // always commits one group (possibly empty), so that group j is the j-th committed.
-  __device__ __forceinline__ void issue(const Params& p, const T* const* rows, int t, int j, bool active) const {
+  // Copies logical tokens [t, t + kSub) of the rows (nullptr: absent, skipped) into the slot of sub-chunk j
+  // when j < nsub (the walk's sub-chunk count); always commits one group (possibly empty), so that group j is the
+  // j-th committed.
+  __device__ __forceinline__ void issue(const Params& p, const T* const* rows, int t, int j, int nsub,
+                                        bool active) const {
     uint4* dst = base + (j % kStages) * kPerStage * nt;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      if (rows[r] == nullptr) continue;
+      if (rows[r] == nullptr || j >= nsub) continue;
 #pragma unroll
       for (int gi = 0; gi < R::kNG; ++gi) {
         const int tt = t + gi * R::kG;
@@ -294,7 +298,8 @@ __device__ __forceinline__ void lane_store_group(const Params& p, const LaneWho&
 template <bool kOut>
 constexpr int fwd_lane_rows() { return kOut ? 3 : 2; }  // Δ, u (and z)
 template <bool kOut>
-constexpr int fwd_lane_stages() { return kOut ? 3 : 4; }  // ring slots (4 blocks of 96 threads fit per SM)
+constexpr int fwd_lane_stages() { return kOut ? 3 : 4; }  // ring slots (the output walk's 3 keep 4 blocks of 96
+                                                          // threads per SM within shared memory)
 template <typename T, bool kOut, int IO>
 using FwdRing = LaneRing<T, IO, fwd_lane_rows<kOut>(), fwd_lane_stages<kOut>()>;
 
@@ -352,10 +357,8 @@ __global__ void __launch_bounds__(kThreads, fwd_lane_min_blocks<T, kOut, IO>()) 
   if (kRing) {
     if (w.warp_active) {
 #pragma unroll
-      for (int j = 0; j < fwd_lane_stages<kOut>() - 1; ++j) {
-        if (j < nsub) ring.issue(p, ring_rows, tok0 + j * R::kSub, j, w.active);
-        else cp_async_commit();
-      }
+      for (int j = 0; j < fwd_lane_stages<kOut>() - 1; ++j)
+        ring.issue(p, ring_rows, tok0 + j * R::kSub, j, nsub, w.active);
     }
   } else {
     cur.load(p, delta_row, u_row, zr, tok0, w.active);
@@ -380,8 +383,7 @@ __global__ void __launch_bounds__(kThreads, fwd_lane_min_blocks<T, kOut, IO>()) 
         const int j = (ch - w.ch_begin) * kSubs + s;  // sub-chunk of the group
         if (kRing) {
           const int jn = j + fwd_lane_stages<kOut>() - 1;
-          if (jn < nsub) ring.issue(p, ring_rows, tok0 + jn * R::kSub, jn, w.active);
-          else cp_async_commit();
+          ring.issue(p, ring_rows, tok0 + jn * R::kSub, jn, nsub, w.active);
         } else if (s + 1 < kSubs || more_chunks) {
           nxt.load(p, delta_row, u_row, zr, t + R::kSub, w.active);
         }
@@ -475,10 +477,7 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {
   if (kRing) {
     if (w.warp_active) {
 #pragma unroll
-      for (int j = 0; j < kStages - 1; ++j) {
-        if (j < nsub) ring.issue(p, ring_rows, tok_last - j * R::kSub, j, w.active);
-        else cp_async_commit();
-      }
+      for (int j = 0; j < kStages - 1; ++j) ring.issue(p, ring_rows, tok_last - j * R::kSub, j, nsub, w.active);
     }
   } else {
     cur.load(p, delta_row, dout_row, zr, tok_last, w.active);
@@ -495,8 +494,7 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {
         LaneRows3<T, IO> nxt;
         if (kRing) {
           const int j = (w.ch_end - 1 - ch) * kSubs + (kSubs - 1 - s), jn = j + kStages - 1;
-          if (jn < nsub) ring.issue(p, ring_rows, tok_last - jn * R::kSub, jn, w.active);
-          else cp_async_commit();
+          ring.issue(p, ring_rows, tok_last - jn * R::kSub, jn, nsub, w.active);
           // Waited for and read even when skipped below: its slot is refilled kStages sub-chunks later, and two
           // copies into one slot must not be in flight together.
           ring.read(j, ring_out);
@@ -555,8 +553,9 @@ cudaError_t forward_lane_io(const Params& p, cudaStream_t stream) {
   cudaError_t err;
   const void* k_local = (const void*)fwd_lane_kernel<T, false, IO, kPolyLocal>;
   const void* k_out = (const void*)fwd_lane_kernel<T, true, IO, kPolyOut>;
-  if ((err = cudaFuncSetAttribute(k_local, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_local)) != cudaSuccess ||
-      (err = cudaFuncSetAttribute(k_out, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_out)) != cudaSuccess)
+  const auto attr = cudaFuncAttributeMaxDynamicSharedMemorySize;
+  if ((err = cudaFuncSetAttribute(k_local, attr, (int)smem_local)) != cudaSuccess ||
+      (err = cudaFuncSetAttribute(k_out, attr, (int)smem_out)) != cudaSuccess)
     return err;
   fwd_lane_kernel<T, false, IO, kPolyLocal><<<grid, nt, smem_local, stream>>>(p);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
