@@ -3,9 +3,10 @@
 # benchmark, Nsight Compute stall reasons and pipe use of the walk kernels at the benchmark shape (fp32), and
 # the SASS of the float32 walk kernels (instruction counts per kernel, archived).
 #   OUT=$OUT bash bench/gpu_scan_probe_session.sh
-# env: TESTS=0 skips the tests, SANITIZE=1 runs compute-sanitizer memcheck and racecheck, TEST_VARIANTS="0" repeats them per backward main kernel, BENCH_ARGS,
-# NCU=0, NCU_KERNELS (regex), SASS_KERNELS (mangled-name fragments), PROFILE_ENVS="SEGMAMBA_SCAN_CPG=2 ..." times
-# each kernel (bench/profile_scan.py --kernels) once per space-separated (comma-joined) environment setting.
+# env: TESTS=0 skips the tests, TEST_VARIANTS="0" repeats them per backward main kernel, SANITIZE=1 runs
+# compute-sanitizer memcheck and racecheck, BENCH_ARGS, NCU=0, NCU_KERNELS (regex), SASS_KERNELS (mangled-name
+# fragments), PROFILE_ENVS="SEGMAMBA_SCAN_CPG=2 ..." times each kernel (bench/profile_scan.py --kernels) once per
+# space-separated (comma-joined) environment setting.
 source bench/gpu_session_env.sh
 build_extensions
 if [ "${TESTS:-1}" != 0 ]; then

@@ -135,9 +135,10 @@ Params make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
   // kernels), grid.y within limits. d_state <= 16 aims at 64 warp walks per SM: at B=2, D=96, L=262144 on an
   // H200 that is 2 chunks per group (the earlier 24 gave 7: 1172 lane blocks, 2.2 waves of the output walk's 528
   // resident blocks); forward+backward 3.45 -> 3.36 ms (float32), 3.11 -> 3.01 ms (float16), sums of the scan
-  // kernels' times (bench/profile_scan.py --kernels; 3 chunks measured the same, 4 and 5 in between, 8 slower). The backward must use the forward's grouping (group_dsum is per group):
-  // the rule depends only on the shapes and the device, not on set_lane_kernels, so that switch may change
-  // between a forward and its backward; set_chunks_per_group may not.
+  // kernels' times (bench/profile_scan.py --kernels; 3 chunks measured the same, 4 and 5 in between, 8 slower).
+  // The backward must use the forward's grouping (group_dsum is per group): the rule depends only on the shapes
+  // and the device, not on set_lane_kernels, so that switch may change between a forward and its backward;
+  // set_chunks_per_group may not.
   const int tiles = selective_scan::channel_tiles(p.dim, p.dstate);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const bool n16 = selective_scan::padded_dstate(p.dstate) == 16;

@@ -111,7 +111,8 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // mantissa of x + 1.5·2^23 and f in [-0.5, 0.5], 2^f a degree-5 polynomial (relative error 7.5e-8 as fitted,
 // 2.3e-7 in float32 arithmetic, about MUFU.EX2's 2 ulp), and 2^k added into the exponent bits. 11 instructions
 // instead of one MUFU.EX2: the lane walks use it for a few of their 16 states, where the 16 MUFU.EX2 per token
-// (16 per cycle per SM) are the bound and the FMA pipes (128 per cycle) have room. x = NaN gives 2^-126.
+// (16 per cycle per SM) keep that unit the busier one and the FMA pipes (128 per cycle) have room (the walks are
+// also latency-bound, so only 2 of 16 states measured faster). x = NaN gives 2^-126.
 __device__ __forceinline__ float poly_exp2(float x) {
   constexpr float kRound = 12582912.f;  // 1.5 * 2^23
   x = fminf(fmaxf(x, -126.f), 126.f);
