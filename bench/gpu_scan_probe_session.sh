@@ -6,7 +6,8 @@
 # env: TESTS=0 skips the tests, TEST_VARIANTS="0" repeats them per backward main kernel, SANITIZE=1 runs
 # compute-sanitizer memcheck and racecheck, BENCH_ARGS, NCU=0, NCU_KERNELS (regex), SASS_KERNELS (mangled-name
 # fragments), PROFILE_ENVS="SEGMAMBA_SCAN_CPG=2 ..." times each kernel (bench/profile_scan.py --kernels) once per
-# space-separated (comma-joined) environment setting.
+# space-separated (comma-joined) environment setting. SRC_NCU (regex) exports the per-instruction stall samples
+# (Nsight Compute source page, SASS) of the matching kernels as ncu_src.csv.gz.
 source bench/gpu_session_env.sh
 build_extensions
 if [ "${TESTS:-1}" != 0 ]; then
@@ -41,6 +42,13 @@ if [ "${NCU:-1}" != 0 ]; then
     --metrics "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum,sm__warps_active.avg.per_cycle_active" \
     python bench/ncu_scan.py float32 > "$OUT/ncu_stalls.txt" 2>&1
   echo "ncu exit $? after $(( $(date +%s) - start )) s"
+fi
+if [ -n "${SRC_NCU:-}" ]; then  # per-instruction stall samples (SourceCounters) of the kernels matching $SRC_NCU
+  timeout ${NCU_TIMEOUT:-150} ncu --clock-control none -k regex:"$SRC_NCU" --launch-count 1 --section SourceCounters \
+    --section WarpStateStats -f -o /tmp/src_rep python bench/ncu_scan.py float32 > "$OUT/ncu_src_run.txt" 2>&1
+  ncu -i /tmp/src_rep.ncu-rep --page source --csv --print-source sass > /tmp/ncu_src.csv 2> "$OUT/ncu_src_err.txt"
+  echo "source page exit $? ($(wc -l < /tmp/ncu_src.csv) lines)"
+  gzip -c /tmp/ncu_src.csv > "$OUT/ncu_src.csv.gz"
 fi
 so=$(ls mamba/mamba_ssm/_selective_scan_cuda*.so | head -1)
 if command -v cuobjdump >/dev/null; then

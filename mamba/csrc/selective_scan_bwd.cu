@@ -34,17 +34,23 @@ __device__ __forceinline__ void reduce_scatter_channels(float (&v)[8], int lane)
 // Δ, u, dy = dout·silu(z) (or dout), dout·dsilu(z), σ(δ + bias) (1 without softplus).
 template <typename T, int NP>
 struct BwdRegs {
+  using M = TileMap<T, NP>;
   RowRegs<T, NP> delta, u, dout, z;
+  float bias[M::kVecs];  // delta_bias of each vector's channel (vector path), loaded with the rows
   __device__ __forceinline__ void load(const Params& p, int b, int t0, bool need_u) {
     const long long bs = (long long)p.dim * p.seqlen;
     delta.load(p, p.delta, b, t0, bs);
     if (need_u) u.load(p, p.u, b, t0, bs);
     dout.load(p, p.dout, b, t0, bs);
     if (p.z != nullptr) z.load(p, p.z, b, t0, p.z_batch_stride);
+#pragma unroll
+    for (int k = 0; k < M::kVecs; ++k) {
+      const int d = M::d(true, k * M::kV);
+      bias[k] = (p.vec_io && p.delta_bias != nullptr && d < p.dim) ? p.delta_bias[d] : 0.f;
+    }
   }
   __device__ __forceinline__ void commit(const Params& p, int t0, float* s_delta, float* s_u, float* s_dy,
                                          float* s_dzf, float* s_sig) const {
-    using M = TileMap<T, NP>;
     const bool has_z = p.z != nullptr;
     const bool vec = p.vec_io;
 #pragma unroll
@@ -52,20 +58,21 @@ struct BwdRegs {
       const int c = M::c(vec, j), t = M::t(vec, j), d = blockIdx.x * Geo<NP>::CPB + c;
       const bool valid = d < p.dim && t0 + t < p.seqlen;
       const int o = t * Geo<NP>::TS + c;
-      float dl = 0.f, sig = 0.f, dy = dout.v[j], dzf = 0.f;
+      float dl = 0.f, sig = 0.f, dy = dout.get(p, j), dzf = 0.f;
       if (valid) {
-        const float x = delta.v[j] + (p.delta_bias ? p.delta_bias[d] : 0.f);
+        const float bias_d = vec ? bias[j / M::kV] : (p.delta_bias ? p.delta_bias[d] : 0.f);
+        const float x = delta.get(p, j) + bias_d;
         dl = p.delta_softplus ? softplus_f(x) : x;
         sig = p.delta_softplus ? sigmoid_f(x) : 1.f;
       }
       if (has_z) {
-        const float zz = z.v[j], sz = sigmoid_f(zz);
+        const float zz = z.get(p, j), sz = sigmoid_f(zz);
         dzf = dy * sz * (1.f + zz * (1.f - sz));
         dy = dy * zz * sz;
       }
       s_delta[o] = dl;
       s_dy[o] = dy;
-      if (s_u) s_u[o] = u.v[j];
+      if (s_u) s_u[o] = u.get(p, j);
       if (s_dzf) s_dzf[o] = dzf;
       if (s_sig) s_sig[o] = sig;
     }
@@ -401,6 +408,8 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
   for (int ch = ch_end - 1; ch >= ch_begin; --ch) {
     const int t0 = ch * kChunk;
     __syncthreads();
+    float h0[kNPT];  // the chunk's incoming state (phase 1 and segment 0), loaded with the staging loads
+    load_state<NP>(p, w, p.chunk_carry, p.nchunks, b, ch, h0);
     stage_main_chunk<T, NP>(p, b, t0, s_delta, s_B);
     __syncthreads();
 
@@ -426,7 +435,8 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
 
     // Phase 1: walk forward from the chunk's incoming state (all but the last segment), checkpointing the
     // state before segments 1 .. kLast (slot seg - 1).
-    load_state<NP>(p, w, p.chunk_carry, p.nchunks, b, ch, h);
+#pragma unroll
+    for (int k = 0; k < kNPT; ++k) h[k] = h0[k];
     for (int seg = 0; seg < kLast; ++seg) {
 #pragma unroll
       for (int i = 0; i < kSeg; ++i) walk_token<NP>(s_delta, s_u, s_B, seg * kSeg + i, w, A2, h);
@@ -441,7 +451,8 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
 #pragma unroll
         for (int k = 0; k < kNPT; ++k) h[k] = s_ckpt[((seg - 1) * kNPT + k) * kThreads + tid];
       } else {
-        load_state<NP>(p, w, p.chunk_carry, p.nchunks, b, ch, h);
+#pragma unroll
+        for (int k = 0; k < kNPT; ++k) h[k] = h0[k];
       }
       walk_segment(seg);
       float P[3][W];  // this lane's parts of Σ_n for the window's tokens: dΔ (÷ ln 2, A-part), du, y

@@ -98,6 +98,46 @@ struct Vec {
   }
 };
 
+// N consecutive elements kept as the 32-bit words they were loaded in (4, 8 or 16 bytes): 16-bit elements are
+// taken out of their word only when read (at()), so a register holding a loaded word is not touched before then
+// (unpacking the halves right after each load made ptxas wait for every load in turn).
+__device__ __forceinline__ float bits16_to_float(unsigned short b, __half*) { return __half2float(__ushort_as_half(b)); }
+__device__ __forceinline__ float bits16_to_float(unsigned short b, __nv_bfloat16*) {
+  return __uint_as_float((uint32_t)b << 16);
+}
+template <typename T, int N>
+struct Words {
+  static constexpr int kBytes = N * (int)sizeof(T);
+  static constexpr int kW = kBytes / 4;
+  static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "vector width");
+  struct alignas(kBytes) Raw { uint32_t w[kW]; };
+  Raw r;
+  __device__ __forceinline__ void load(const T* p) { r = *reinterpret_cast<const Raw*>(p); }
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < kW; ++i) r.w[i] = 0u;  // (all-zero bits are 0.0 in the three types)
+  }
+  // Element i (a compile-time index after unrolling).
+  __device__ __forceinline__ float at(int i) const {
+    if constexpr (sizeof(T) == 4) {
+      return __uint_as_float(r.w[i]);
+    } else {
+      const uint32_t w = r.w[i / 2];
+      return bits16_to_float((unsigned short)((i % 2) ? (w >> 16) : (w & 0xffffu)), (T*)nullptr);
+    }
+  }
+  // Sets element i from a value in input precision (the scalar path).
+  __device__ __forceinline__ void set(int i, T v) {
+    if constexpr (sizeof(T) == 4) {
+      r.w[i] = __float_as_uint(v);
+    } else {
+      const uint32_t bits = *reinterpret_cast<const unsigned short*>(&v);
+      uint32_t& w = r.w[i / 2];
+      w = (i % 2) ? ((w & 0xffffu) | (bits << 16)) : ((w & 0xffff0000u) | bits);
+    }
+  }
+};
+
 // 2^x with one MUFU.EX2 (flush-to-zero: decays below 2^-126 become 0, which the recurrences tolerate).
 // Plain exp2f adds range-fixing instructions around it; the walks are instruction-issue bound.
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -225,11 +265,17 @@ __device__ __forceinline__ size_t z_row(const Params& p, int b, size_t row) {
   return row + (size_t)b * (size_t)(p.z_batch_stride - (long long)p.dim * p.seqlen);
 }
 
-// Raw values of one (batch, dim, seqlen) tensor for one chunk tile, held in registers.
+// Raw values of one (batch, dim, seqlen) tensor for one chunk tile, held in registers in input precision and
+// in load order. Nothing reads a loaded register before commit time (get() converts, and undoes the reversal
+// of vector-loaded tokens when p.reverse), so all loads of a chunk are in flight together: reversing (and
+// converting) right after each load made ptxas reuse the registers of one load for the next and serialize
+// them, one global latency each (Nsight Compute source counters, bwd_main2, H200: 26% of the kernel's warp
+// stall samples on those loads).
 template <typename T, int NP>
 struct RowRegs {
   using M = TileMap<T, NP>;
-  float v[M::kPer];
+  Words<T, M::kV> r[M::kVecs];  // vector path: vector k = elements k * kV ... (scalar path: element j is
+                                // element j % kV of r[j / kV])
   __device__ __forceinline__ void load(const Params& p, const void* src, int b, int t0, long long batch_stride) {
     const T* base = static_cast<const T*>(src) + (size_t)b * batch_stride;
     if (p.vec_io) {
@@ -237,16 +283,11 @@ struct RowRegs {
       for (int k = 0; k < M::kVecs; ++k) {
         const int j = k * M::kV;
         const int d = M::d(true, j), tt = t0 + M::t(true, j);
-        float tmp[M::kV];
         if (d < p.dim && tt < p.seqlen) {  // seqlen % kV == 0: a vector is all in or all out
-          Vec<T, M::kV>::load(base + (size_t)d * p.seqlen + mem_vec<M::kV>(p, tt), tmp);
-          if (p.reverse) reverse_vec(tmp);
+          r[k].load(base + (size_t)d * p.seqlen + mem_vec<M::kV>(p, tt));
         } else {
-#pragma unroll
-          for (int i = 0; i < M::kV; ++i) tmp[i] = 0.f;
+          r[k].zero();
         }
-#pragma unroll
-        for (int i = 0; i < M::kV; ++i) v[j + i] = tmp[i];
       }
     } else {
       const int tt = t0 + M::t(false, 0);
@@ -255,19 +296,25 @@ struct RowRegs {
       const size_t step = (size_t)M::kCStep * p.seqlen;
 #pragma unroll
       for (int j = 0; j < M::kPer; ++j) {
-        v[j] = (tvalid && M::d(false, j) < p.dim) ? Cvt<T>::ld(ptr) : 0.f;
+        r[j / M::kV].set(j % M::kV, (tvalid && M::d(false, j) < p.dim) ? *ptr : Cvt<T>::to(0.f));
         ptr += step;
       }
     }
   }
-  // Writes f(v[j], valid, d) into tile[t][c].
+  // Value of element j (token M::t(vec, j) of channel M::c(vec, j)).
+  __device__ __forceinline__ float get(const Params& p, int j) const {
+    const int k = j / M::kV, i = j % M::kV;
+    if (M::kV == 1) return r[k].at(0);
+    return (p.vec_io && p.reverse) ? r[k].at(M::kV - 1 - i) : r[k].at(i);
+  }
+  // Writes f(value of element j, valid, d) into tile[t][c].
   template <typename F>
   __device__ __forceinline__ void commit(const Params& p, int t0, float* tile, F&& f) const {
     const bool vec = p.vec_io;
 #pragma unroll
     for (int j = 0; j < M::kPer; ++j) {
       const int c = M::c(vec, j), t = M::t(vec, j), d = blockIdx.x * Geo<NP>::CPB + c;
-      tile[t * Geo<NP>::TS + c] = f(v[j], d < p.dim && t0 + t < p.seqlen, d);
+      tile[t * Geo<NP>::TS + c] = f(get(p, j), d < p.dim && t0 + t < p.seqlen, d);
     }
   }
 };
@@ -302,8 +349,9 @@ __device__ __forceinline__ void store_tile(const Params& p, void* dst, const flo
   }
 }
 
-// Raw values of a (batch, 1, dstate, seqlen) tensor for one chunk, held in registers; stored into a
-// [token][state] tile with row stride BS = NP + 4 (keeps float4 alignment, limits store bank conflicts).
+// Raw values of a (batch, 1, dstate, seqlen) tensor for one chunk, held in registers (in input precision, in
+// load order: see RowRegs); stored into a [token][state] tile with row stride BS = NP + 4 (keeps float4
+// alignment, limits store bank conflicts).
 template <typename T, int NP>
 struct BCRegs {
   static constexpr int kNStep = kThreads / kChunk;
@@ -312,7 +360,7 @@ struct BCRegs {
   static constexpr int kV = kV0 < kPer ? kV0 : kPer;
   static constexpr int kVPR = kChunk / kV;
   static constexpr int kVecs = kPer / kV;
-  float v[kPer];
+  Words<T, kV> r[kVecs];  // (scalar path: element j is element j % kV of r[j / kV])
   __device__ __forceinline__ void load(const Params& p, const void* src, int b, int t0) {
     const T* base = static_cast<const T*>(src) + (size_t)b * p.dstate * p.seqlen;
     if (p.vec_io) {
@@ -320,16 +368,8 @@ struct BCRegs {
       for (int k = 0; k < kVecs; ++k) {
         const int vi = threadIdx.x + k * kThreads;
         const int n = vi / kVPR, tt = t0 + (vi % kVPR) * kV;
-        float tmp[kV];
-        if (n < p.dstate && tt < p.seqlen) {
-          Vec<T, kV>::load(base + (size_t)n * p.seqlen + mem_vec<kV>(p, tt), tmp);
-          if (p.reverse) reverse_vec(tmp);
-        } else {
-#pragma unroll
-          for (int i = 0; i < kV; ++i) tmp[i] = 0.f;
-        }
-#pragma unroll
-        for (int i = 0; i < kV; ++i) v[k * kV + i] = tmp[i];
+        if (n < p.dstate && tt < p.seqlen) r[k].load(base + (size_t)n * p.seqlen + mem_vec<kV>(p, tt));
+        else r[k].zero();
       }
     } else {
       const int t = threadIdx.x % kChunk, tt = t0 + t;
@@ -339,7 +379,7 @@ struct BCRegs {
       const size_t step = (size_t)kNStep * p.seqlen;
 #pragma unroll
       for (int j = 0; j < kPer; ++j) {
-        v[j] = (tvalid && n0 + j * kNStep < p.dstate) ? Cvt<T>::ld(ptr) : 0.f;
+        r[j / kV].set(j % kV, (tvalid && n0 + j * kNStep < p.dstate) ? *ptr : Cvt<T>::to(0.f));
         ptr += step;
       }
     }
@@ -351,12 +391,13 @@ struct BCRegs {
         const int vi = threadIdx.x + k * kThreads;
         const int n = vi / kVPR, t = (vi % kVPR) * kV;
 #pragma unroll
-        for (int i = 0; i < kV; ++i) tile[(t + i) * Geo<NP>::BS + n] = v[k * kV + i];
+        for (int i = 0; i < kV; ++i)
+          tile[(t + i) * Geo<NP>::BS + n] = p.reverse ? r[k].at(kV - 1 - i) : r[k].at(i);
       }
     } else {
       const int t = threadIdx.x % kChunk, n0 = threadIdx.x / kChunk;
 #pragma unroll
-      for (int j = 0; j < kPer; ++j) tile[t * Geo<NP>::BS + n0 + j * kNStep] = v[j];
+      for (int j = 0; j < kPer; ++j) tile[t * Geo<NP>::BS + n0 + j * kNStep] = r[j / kV].at(j % kV);
     }
   }
 };
