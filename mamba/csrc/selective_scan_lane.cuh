@@ -183,8 +183,7 @@ struct LaneBC {
   static constexpr int kVPR = kChunk / kV;         // vectors per state row
   static constexpr int kVecs = kLaneN * kVPR;      // vectors per tile
   static constexpr int kPer = (kVecs + 95) / 96;   // vectors per thread (blockDim >= 96)
-  struct alignas(16) Raw { T e[kV]; };
-  Raw r[kPer];
+  Words<T, kV> r[kPer];  // as loaded: not touched before store(), so the loads stay in flight during the walk
   __device__ __forceinline__ void load(const Params& p, const void* src, int b, int t0) {
     if (!io_vec<IO>(p)) return;
     const T* base = static_cast<const T*>(src) + (size_t)b * p.dstate * p.seqlen;
@@ -192,12 +191,8 @@ struct LaneBC {
     for (int k = 0; k < kPer; ++k) {
       const int vi = threadIdx.x + k * blockDim.x;
       const int n = vi / kVPR, tt = t0 + (vi % kVPR) * kV;
-      if (vi < kVecs && n < p.dstate && tt < p.seqlen) {
-        r[k] = *reinterpret_cast<const Raw*>(base + (size_t)n * p.seqlen + io_vec_pos<IO, kV>(p, tt));
-      } else {
-#pragma unroll
-        for (int i = 0; i < kV; ++i) r[k].e[i] = Cvt<T>::to(0.f);
-      }
+      if (vi < kVecs && n < p.dstate && tt < p.seqlen) r[k].load(base + (size_t)n * p.seqlen + io_vec_pos<IO, kV>(p, tt));
+      else r[k].zero();
     }
   }
   __device__ __forceinline__ void store(const Params& p, const void* src, int b, int t0, float* tile) const {
@@ -208,7 +203,7 @@ struct LaneBC {
         if (vi >= kVecs) continue;
         const int n = vi / kVPR, t = (vi % kVPR) * kV;
 #pragma unroll
-        for (int i = 0; i < kV; ++i) tile[(t + (io_rev<IO>(p) ? kV - 1 - i : i)) * kLaneBS + n] = Cvt<T>::f(r[k].e[i]);
+        for (int i = 0; i < kV; ++i) tile[(t + (io_rev<IO>(p) ? kV - 1 - i : i)) * kLaneBS + n] = r[k].at(i);
       }
     } else {
       const T* base = static_cast<const T*>(src) + (size_t)b * p.dstate * p.seqlen;
