@@ -62,8 +62,12 @@ struct BwdRegs {
       if (valid) {
         const float bias_d = vec ? bias[j / M::kV] : (p.delta_bias ? p.delta_bias[d] : 0.f);
         const float x = delta.get(p, j) + bias_d;
-        dl = p.delta_softplus ? softplus_f(x) : x;
-        sig = p.delta_softplus ? sigmoid_f(x) : 1.f;
+        if (p.delta_softplus) {
+          dl = softplus_sigmoid_f(x, sig);
+        } else {
+          dl = x;
+          sig = 1.f;
+        }
       }
       if (has_z) {
         const float zz = z.get(p, j), sz = sigmoid_f(zz);
@@ -279,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) bwd_main_kernel(Params p, bool atomi
         const int n = q * kNPT + (idx & 3);
         const int tt = t0 + seg * kSeg + i;
         if (n < p.dstate && tt < p.seqlen) {
-          float* dst = ((idx >> 2) ? p.dC : p.dB) + ((size_t)b * p.dstate + n) * p.seqlen + mem_pos(p, tt);
+          float* dst = ((idx >> 2) ? p.dC : p.dB) + ((size_t)b * p.dstate + n) * p.seqlen + io_pos<kIOAny>(p, tt);
           if (atomic_bc) atomicAdd(dst, s); else *dst = s;
         }
       }
@@ -516,7 +520,7 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
           for (int wp = 0; wp < kThreads / 32; ++wp) s += s_red[(i * G::R + red_r) * kThreads + wp * 32 + red_ln];
           const int tt = t0 + seg * kSeg + i;
           if (tt < p.seqlen) {
-            float* dst = red_dst + mem_pos(p, tt);
+            float* dst = red_dst + io_pos<kIOAny>(p, tt);
             if (atomic_bc) atomicAdd(dst, s); else *dst = s;
           }
         }

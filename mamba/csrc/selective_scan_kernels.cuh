@@ -167,12 +167,25 @@ __device__ __forceinline__ float poly_exp2(float x) {
   return __int_as_float(__float_as_int(q) + (__float_as_int(t) << 23));
 }
 
-// Memory position of logical token t: the sequence is walked last-to-first when p.reverse is set
-// (the reverse direction of the tri-orientated block, without a flipped copy of the inputs).
-__device__ __forceinline__ int mem_pos(const Params& p, int t) { return p.reverse ? p.seqlen - 1 - t : t; }
+// Row access, fixed at compile time where it can be (the lane kernels; the state-split kernels use kIOAny).
+// kIOAny decides per access at run time (p.vec_io, p.reverse); kIOVec / kIOVecRev are compiled for vector rows
+// (p.vec_io: 16-byte-aligned rows, seqlen % 8 == 0) walked first-to-last / last-to-first. With vector rows an
+// 8-token sub-chunk is wholly inside or wholly outside the sequence, so the walks skip the sub-chunks past the
+// end instead of masking every token. (The run-time checks cost ~40 of ~125-180 instructions per token in the
+// lane walks: nvdisasm of the sm_90 build.) Reverse: logical token t is memory position seqlen-1-t (the reverse
+// direction of the tri-orientated block, without a flipped copy of the inputs).
+constexpr int kIOAny = 0, kIOVec = 1, kIOVecRev = 2;
+template <int IO>
+__device__ __forceinline__ bool io_vec(const Params& p) { return IO == kIOAny ? p.vec_io : true; }
+template <int IO>
+__device__ __forceinline__ bool io_rev(const Params& p) { return IO == kIOAny ? p.reverse : IO == kIOVecRev; }
+template <int IO>
+__device__ __forceinline__ int io_pos(const Params& p, int t) { return io_rev<IO>(p) ? p.seqlen - 1 - t : t; }
 // Memory start of the kV-token vector holding logical tokens [t, t + kV) (reversed inside the vector).
-template <int kV>
-__device__ __forceinline__ int mem_vec(const Params& p, int t) { return p.reverse ? p.seqlen - t - kV : t; }
+template <int IO, int kV>
+__device__ __forceinline__ int io_vec_pos(const Params& p, int t) { return io_rev<IO>(p) ? p.seqlen - t - kV : t; }
+// The kIO* value for the launch parameters.
+inline int lane_io(const Params& p) { return !p.vec_io ? kIOAny : (p.reverse ? kIOVecRev : kIOVec); }
 
 template <int N>
 __device__ __forceinline__ void reverse_vec(float (&v)[N]) {
@@ -188,8 +201,7 @@ __device__ __forceinline__ void reverse_vec(float (&v)[N]) {
 // polynomial fitted to log1p(e)/e on [0, 1] (relative error 3e-8; 2.3e-7 in float32 arithmetic, the
 // accuracy of log1pf(__expf(x)) it replaces). One MUFU.EX2 and nine FMAs, no branch: log1pf's range
 // reduction cost ~25 instructions per token in every walk. Large x give e = 0 (x itself); NaN stays NaN.
-__device__ __forceinline__ float softplus_f(float x) {
-  const float e = fast_exp2(-fabsf(x) * kLog2e);
+__device__ __forceinline__ float softplus_from_e(float x, float e) {
   float q = 0.005232624243944883f;
   q = fmaf(q, e, -0.029504956677556038f);
   q = fmaf(q, e, 0.07822549343109131f);
@@ -200,6 +212,14 @@ __device__ __forceinline__ float softplus_f(float x) {
   q = fmaf(q, e, -0.4999949336051941f);
   q = fmaf(q, e, 0.9999999403953552f);
   return fmaxf(x, 0.f) + e * q;
+}
+__device__ __forceinline__ float softplus_f(float x) { return softplus_from_e(x, fast_exp2(-fabsf(x) * kLog2e)); }
+// softplus(x), and σ(x) into sig from the same e: σ(x) = 1 / (1 + e) for x >= 0 and e / (1 + e) below (one
+// MUFU.EX2 fewer than softplus_f and sigmoid_f; σ is the derivative of softplus, needed by the backward).
+__device__ __forceinline__ float softplus_sigmoid_f(float x, float& sig) {
+  const float e = fast_exp2(-fabsf(x) * kLog2e);
+  sig = __fdividef(x >= 0.f ? 1.f : e, 1.f + e);
+  return softplus_from_e(x, e);
 }
 // 1 / (1 + exp(-x)) with the approximate reciprocal (2 ulp; 0 for x < -87, where the exact value is < 1e-38).
 __device__ __forceinline__ float sigmoid_f(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
@@ -284,7 +304,7 @@ struct RowRegs {
         const int j = k * M::kV;
         const int d = M::d(true, j), tt = t0 + M::t(true, j);
         if (d < p.dim && tt < p.seqlen) {  // seqlen % kV == 0: a vector is all in or all out
-          r[k].load(base + (size_t)d * p.seqlen + mem_vec<M::kV>(p, tt));
+          r[k].load(base + (size_t)d * p.seqlen + io_vec_pos<kIOAny, M::kV>(p, tt));
         } else {
           r[k].zero();
         }
@@ -292,7 +312,7 @@ struct RowRegs {
     } else {
       const int tt = t0 + M::t(false, 0);
       const bool tvalid = tt < p.seqlen;
-      const T* ptr = base + (size_t)M::d(false, 0) * p.seqlen + (tvalid ? mem_pos(p, tt) : 0);
+      const T* ptr = base + (size_t)M::d(false, 0) * p.seqlen + (tvalid ? io_pos<kIOAny>(p, tt) : 0);
       const size_t step = (size_t)M::kCStep * p.seqlen;
 #pragma unroll
       for (int j = 0; j < M::kPer; ++j) {
@@ -334,12 +354,12 @@ __device__ __forceinline__ void store_tile(const Params& p, void* dst, const flo
 #pragma unroll
       for (int i = 0; i < M::kV; ++i) tmp[i] = tile[(t + i) * Geo<NP>::TS + c];
       if (p.reverse) reverse_vec(tmp);
-      Vec<T, M::kV>::store(base + (size_t)d * p.seqlen + mem_vec<M::kV>(p, t0 + t), tmp);
+      Vec<T, M::kV>::store(base + (size_t)d * p.seqlen + io_vec_pos<kIOAny, M::kV>(p, t0 + t), tmp);
     }
   } else {
     const int tt = t0 + M::t(false, 0);
     if (tt >= p.seqlen) return;
-    T* ptr = base + (size_t)M::d(false, 0) * p.seqlen + mem_pos(p, tt);
+    T* ptr = base + (size_t)M::d(false, 0) * p.seqlen + io_pos<kIOAny>(p, tt);
     const size_t step = (size_t)M::kCStep * p.seqlen;
 #pragma unroll
     for (int j = 0; j < M::kPer; ++j) {
@@ -368,14 +388,14 @@ struct BCRegs {
       for (int k = 0; k < kVecs; ++k) {
         const int vi = threadIdx.x + k * kThreads;
         const int n = vi / kVPR, tt = t0 + (vi % kVPR) * kV;
-        if (n < p.dstate && tt < p.seqlen) r[k].load(base + (size_t)n * p.seqlen + mem_vec<kV>(p, tt));
+        if (n < p.dstate && tt < p.seqlen) r[k].load(base + (size_t)n * p.seqlen + io_vec_pos<kIOAny, kV>(p, tt));
         else r[k].zero();
       }
     } else {
       const int t = threadIdx.x % kChunk, tt = t0 + t;
       const int n0 = threadIdx.x / kChunk;
       const bool tvalid = tt < p.seqlen;
-      const T* ptr = base + (size_t)n0 * p.seqlen + (tvalid ? mem_pos(p, tt) : 0);
+      const T* ptr = base + (size_t)n0 * p.seqlen + (tvalid ? io_pos<kIOAny>(p, tt) : 0);
       const size_t step = (size_t)kNStep * p.seqlen;
 #pragma unroll
       for (int j = 0; j < kPer; ++j) {

@@ -30,12 +30,6 @@ constexpr int kLaneN = 16;             // states per thread
 constexpr int kLaneBS = Geo<16>::BS;   // row stride of the [token][state] B/C tiles
 constexpr int kLaneTile = kChunk * kLaneBS;
 
-// Row access of the lane kernels, fixed at compile time where it can be. kIOAny decides per access at run time
-// (p.vec_io, p.reverse); kIOVec / kIOVecRev are compiled for vector rows (p.vec_io: 16-byte-aligned rows,
-// seqlen % 8 == 0) walked first-to-last / last-to-first. With vector rows an 8-token sub-chunk is wholly inside
-// or wholly outside the sequence, so the walks skip the sub-chunks past the end instead of masking every token.
-// (The run-time checks cost ~40 of ~125-180 instructions per token in the walks: nvdisasm of the sm_90 build.)
-constexpr int kIOAny = 0, kIOVec = 1, kIOVecRev = 2;
 // Whether the walks stream a row type's sub-chunks through the cp.async ring (LaneRing): vector rows of 16-bit
 // types. For them a sub-chunk is one 16-byte granule per row; measured (H200, bench/profile_scan.py --kernels)
 // -10% in the output walk, -6% and -8% in the forward and backward first walks. float32 rows (two granules) gained
@@ -44,14 +38,6 @@ constexpr int kIOAny = 0, kIOVec = 1, kIOVecRev = 2;
 template <typename T, int IO>
 constexpr bool lane_ring() { return IO != kIOAny && sizeof(T) == 2; }
 
-template <int IO>
-__device__ __forceinline__ bool io_vec(const Params& p) { return IO == kIOAny ? p.vec_io : true; }
-template <int IO>
-__device__ __forceinline__ bool io_rev(const Params& p) { return IO == kIOAny ? p.reverse : IO == kIOVecRev; }
-template <int IO>
-__device__ __forceinline__ int io_pos(const Params& p, int t) { return io_rev<IO>(p) ? p.seqlen - 1 - t : t; }
-template <int IO, int kV>
-__device__ __forceinline__ int io_vec_pos(const Params& p, int t) { return io_rev<IO>(p) ? p.seqlen - t - kV : t; }
 // Decay exp2 of state n (a compile-time index after unrolling) in a walk that takes kPoly of its 16 states on the
 // FMA pipes (poly_exp2, spread evenly: states step-1, 2·step-1, ...) and the rest on the MUFU unit.
 template <int kPoly>
@@ -60,9 +46,6 @@ __device__ __forceinline__ float lane_exp2(float x, int n) {
   if (kPoly > 0 && n % step == step - 1 && n / step < kPoly) return poly_exp2(x);
   return fast_exp2(x);
 }
-
-// The kIO* value for the launch parameters.
-inline int lane_io(const Params& p) { return !p.vec_io ? kIOAny : (p.reverse ? kIOVecRev : kIOVec); }
 
 // One channel row's sub-chunk of kSub = 8 tokens in raw input precision: 16-byte granules, two for fp32, one
 // for 16-bit types (whose 32-byte sector is then read by two consecutive sub-chunks; the second hits L1). Eight
