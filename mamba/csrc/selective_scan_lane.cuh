@@ -237,6 +237,21 @@ __device__ __forceinline__ void lane_states(const float* tile, int r, float (&v)
   }
 }
 
+// Δ of the sub-chunk's kSub tokens (softplus(δ + bias) or δ + bias), computed before the walk over them: with the
+// softplus choice inside the token loop every token ended a basic block at its branch, and ptxas could not
+// overlap one token's work with the next's.
+template <typename T, int IO>
+__device__ __forceinline__ void lane_deltas(const Params& p, const LaneRow<T, IO>& cd, float bias,
+                                            float (&dl)[LaneRow<T, IO>::kSub]) {
+  if (p.delta_softplus) {
+#pragma unroll
+    for (int i = 0; i < LaneRow<T, IO>::kSub; ++i) dl[i] = softplus_f(cd.get(p, i) + bias);
+  } else {
+#pragma unroll
+    for (int i = 0; i < LaneRow<T, IO>::kSub; ++i) dl[i] = cd.get(p, i) + bias;
+  }
+}
+
 struct LaneWho {
   int d, b, grp, ch_begin, ch_end;
   bool active, warp_active;
@@ -369,12 +384,12 @@ __global__ void __launch_bounds__(kThreads, fwd_lane_min_blocks<T, kOut, IO>()) 
         // issued after this, and the copies in flight are waited for after the loop.
         if (IO != kIOAny && t >= p.seqlen) break;
         if (kRing) ring.read(j, ring_out);
-        float o[R::kSub];
+        float o[R::kSub], dls[R::kSub];
+        lane_deltas<T, IO>(p, cd, bias, dls);
 #pragma unroll
         for (int i = 0; i < R::kSub; ++i) {
           const int r = s * R::kSub + i;
-          const float x = cd.get(p, i) + bias;
-          float dl = p.delta_softplus ? softplus_f(x) : x;
+          float dl = dls[i];
           if (IO == kIOAny && t + i >= p.seqlen) dl = 0.f;  // past the end (zero-filled inputs): no decay, no input
           const float u = cu.get(p, i);
           const float du = dl * u;
@@ -484,11 +499,12 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {
           if (!kRing) cur = nxt;
           continue;
         }
+        float dls[R::kSub];
+        lane_deltas<T, IO>(p, cd, bias, dls);
 #pragma unroll
         for (int i = R::kSub - 1; i >= 0; --i) {
           const int r = s * R::kSub + i;
-          const float x = cd.get(p, i) + bias;
-          float dl = p.delta_softplus ? softplus_f(x) : x;
+          float dl = dls[i];
           if (IO == kIOAny && t + i >= p.seqlen) dl = 0.f;  // past the end (zero-filled inputs): no decay, no input
           float dy = cg.get(p, i);
           if (has_z) {
