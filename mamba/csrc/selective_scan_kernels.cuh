@@ -289,7 +289,7 @@ __device__ __forceinline__ size_t z_row(const Params& p, int b, size_t row) {
 // in load order. Nothing reads a loaded register before commit time (get() converts, and undoes the reversal
 // of vector-loaded tokens when p.reverse), so all loads of a chunk are in flight together: reversing (and
 // converting) right after each load made ptxas reuse the registers of one load for the next and serialize
-// them, one global latency each (Nsight Compute source counters, bwd_main2, H200: 26% of the kernel's warp
+// them, one global latency each (Nsight Compute source counters, bwd_main2, H200: 27% of the kernel's warp
 // stall samples on those loads).
 template <typename T, int NP>
 struct RowRegs {
