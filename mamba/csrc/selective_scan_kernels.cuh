@@ -79,17 +79,13 @@ template <> struct Cvt<__nv_bfloat16> {
   static __device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 };
 
-// N consecutive elements as one 4-, 8- or 16-byte access (the caller guarantees alignment).
+// N consecutive elements stored as one 4-, 8- or 16-byte access (the caller guarantees alignment; loads keep
+// the loaded words: Words below).
 template <typename T, int N>
 struct Vec {
   static constexpr int kBytes = N * (int)sizeof(T);
   static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "vector width");
   struct alignas(kBytes) Raw { T e[N]; };
-  static __device__ __forceinline__ void load(const T* p, float (&out)[N]) {
-    const Raw r = *reinterpret_cast<const Raw*>(p);
-#pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = Cvt<T>::f(r.e[i]);
-  }
   static __device__ __forceinline__ void store(T* p, const float (&in)[N]) {
     Raw r;
 #pragma unroll
