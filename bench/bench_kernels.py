@@ -6,6 +6,11 @@ forward+backward for float32/float16/bfloat16, the causal conv1d forward+backwar
 and the chunked PyTorch scan for comparison; reports achieved bandwidth against a device-to-device copy
 measured in the same run. Prints a table and writes JSON (``--out``).
 
+Two timings per case: ``fwd_ms`` / ``fwd_bwd_ms`` time one call at a time (events around a single call, so they
+include the host time before its first kernel starts: the latency of an isolated call), and ``*_stream_ms``
+time 20 calls queued back to back, divided by 20 (the GPU time per call when the CPU runs ahead, as it does
+in a training step). Bandwidths are from the single-call times.
+
     python bench/bench_kernels.py --out bench_kernels.json
 """
 import argparse
@@ -13,7 +18,7 @@ import json
 
 import torch
 
-from timing import cuda_timed
+from timing import cuda_timed, cuda_timed_stream
 
 
 def copy_bandwidth():
@@ -60,6 +65,8 @@ def bench_scan(dtype, impl="kernel", reverse=False):
     rep = 20 if impl == "kernel" else 3
     t_f = cuda_timed(fwd, 2, rep)[0]
     t_fb = cuda_timed(fwd_bwd, 2, rep)[0]
+    calls = 20 if impl == "kernel" else 1
+    t_fs, t_fbs = cuda_timed_stream(fwd, 2, calls, 5), cuda_timed_stream(fwd_bwd, 2, calls, 5)
     el = u.element_size()
     tok = u.numel()
     bc = Bm.numel()
@@ -68,6 +75,7 @@ def bench_scan(dtype, impl="kernel", reverse=False):
     fwd_bytes = (3 * tok + 2 * bc) * el + tok * el
     bwd_bytes = (4 * tok + 2 * bc) * el + 3 * tok * el + 2 * bc * 4
     return {"impl": impl, "dtype": str(dtype).replace("torch.", ""), "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
+            "fwd_stream_ms": t_fs, "fwd_bwd_stream_ms": t_fbs,
             "fwd_TBps": fwd_bytes / (t_f * 1e-3) / 1e12, "fwd_bwd_TBps": (fwd_bytes + bwd_bytes) / (t_fb * 1e-3) / 1e12}
 
 
@@ -146,10 +154,12 @@ def main():
         json.dump(res, f, indent=1)
     print(f"\n{res['device']}  torch {res['torch']}  CUDA {res['cuda']}  copy {res['copy_TBps']:.2f} TB/s (read+write)")
     print("selective scan B=2 D=96 L=262144 N=16 (z, D, bias, softplus)")
-    print(f"{'impl':<18}{'dtype':<10}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd TB/s':>10}{'f+b TB/s':>10}")
+    print("(stream: GPU time per call with calls queued back to back; the others time one call at a time)")
+    print(f"{'impl':<18}{'dtype':<10}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd TB/s':>10}{'f+b TB/s':>10}"
+          f"{'stream fwd':>12}{'stream f+b':>12}")
     for r in res["scan"]:
         print(f"{r['impl']:<18}{r['dtype']:<10}{r['fwd_ms']:>9.3f}{r['fwd_bwd_ms']:>12.3f}"
-              f"{r['fwd_TBps']:>10.2f}{r['fwd_bwd_TBps']:>10.2f}")
+              f"{r['fwd_TBps']:>10.2f}{r['fwd_bwd_TBps']:>10.2f}{r['fwd_stream_ms']:>12.3f}{r['fwd_bwd_stream_ms']:>12.3f}")
     print("causal conv1d (2, 96, 262144) W=4 silu")
     for r in res["conv"]:
         print(f"{'kernel-reverse' if r['reverse'] else 'kernel':<18}{r['dtype']:<10}{r['fwd_ms']:>9.3f}{r['fwd_bwd_ms']:>12.3f}"
