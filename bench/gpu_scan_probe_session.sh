@@ -7,7 +7,8 @@
 # compute-sanitizer memcheck and racecheck, BENCH_ARGS, NCU=0, NCU_KERNELS (regex), SASS_KERNELS (mangled-name
 # fragments), PROFILE_ENVS="SEGMAMBA_SCAN_CPG=2 ..." times each kernel (bench/profile_scan.py --kernels) once per
 # space-separated (comma-joined) environment setting. SRC_NCU (regex) exports the per-instruction stall samples
-# (Nsight Compute source page, SASS) of the matching kernels as ncu_src.csv.gz.
+# (Nsight Compute source page, SASS) of the first matching launch as ncu_src.csv.gz (SRC_NCU_ARGS="--launch-skip 1"
+# takes the second: e.g. SRC_NCU=fwd_lane matches the first walk, then the output walk).
 source bench/gpu_session_env.sh
 build_extensions
 if [ "${TESTS:-1}" != 0 ]; then
@@ -44,7 +45,7 @@ if [ "${NCU:-1}" != 0 ]; then
   echo "ncu exit $? after $(( $(date +%s) - start )) s"
 fi
 if [ -n "${SRC_NCU:-}" ]; then  # per-instruction stall samples (SourceCounters) of the kernels matching $SRC_NCU
-  timeout ${NCU_TIMEOUT:-150} ncu --clock-control none -k regex:"$SRC_NCU" --launch-count 1 --section SourceCounters \
+  timeout ${NCU_TIMEOUT:-150} ncu --clock-control none -k regex:"$SRC_NCU" ${SRC_NCU_ARGS:-} --launch-count 1 --section SourceCounters \
     --section WarpStateStats -f -o /tmp/src_rep python bench/ncu_scan.py float32 > "$OUT/ncu_src_run.txt" 2>&1
   ncu -i /tmp/src_rep.ncu-rep --page source --csv --print-source sass > /tmp/ncu_src.csv 2> "$OUT/ncu_src_err.txt"
   echo "source page exit $? ($(wc -l < /tmp/ncu_src.csv) lines)"

@@ -100,6 +100,21 @@ struct LaneRows3 {
   }
 };
 
+// Register path, vector rows: the walks take the sub-chunk loaded one step earlier (nxt) as the current one at the
+// top of each step, before the next one is issued into nxt (the first one is loaded into nxt before the loop).
+// Loading the first sub-chunk straight into cur and copying cur = nxt after the walk, as before, made ptxas put
+// the wait for the first load on the loop's first read of cur, on a scoreboard that the loop's next-sub-chunk
+// loads also set: every step waited for the loads it had just issued, so nothing was prefetched (nvdisasm control
+// bits, float32 output walk; Nsight Compute, H200: 35% of its warp stall samples on that one instruction). The
+// general version (kIOAny, scalar loads) keeps the old order: the new one costs it up to 96 bytes of spills.
+// Measured (H200, bench/profile_scan.py --kernels): float32 output walk 0.445 -> 0.401 ms, first walk 0.278 ->
+// 0.254 ms; 16-bit walks (cp.async ring, not this path) unchanged. Issuing the next chunk's B/C loads later in the
+// chunk instead (they share that scoreboard, so the first wait after them waits for them too) measured no better:
+// half way through the chunk 0.440 / 0.253 ms (the output walk then spills), after its first sub-chunk 0.398 /
+// 0.257 ms and 2% slower 16-bit output walks (bench/gpu_define_sweep.sh).
+template <int IO>
+constexpr bool lane_advance_first() { return IO != kIOAny; }
+
 // cp.async (global -> shared, 16 bytes, zero-filled when !valid; no registers held while in flight).
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
@@ -341,7 +356,8 @@ __global__ void __launch_bounds__(kThreads, fwd_lane_min_blocks<T, kOut, IO>()) 
   stage_store(w.ch_begin, 0);
   __syncthreads();
 
-  LaneRows3<T, IO> cur;  // Δ, u, z of the sub-chunk being walked
+  // Δ, u, z of the sub-chunk being walked (cur) and, register path, of the next one (nxt): see lane_advance_first.
+  LaneRows3<T, IO> cur, nxt;
   const R &cd = cur.a, &cu = cur.b, &cz = cur.c;
   // Ring path: sub-chunk j of the group (tokens tok0 + 8j ...) is copied kStages - 1 sub-chunks ahead.
   const int tok0 = w.ch_begin * kChunk, nsub = (w.ch_end - w.ch_begin) * kSubs;
@@ -353,6 +369,8 @@ __global__ void __launch_bounds__(kThreads, fwd_lane_min_blocks<T, kOut, IO>()) 
       for (int j = 0; j < fwd_lane_stages<kOut>() - 1; ++j)
         ring.issue(p, ring_rows, tok0 + j * R::kSub, j, nsub, w.active);
     }
+  } else if (lane_advance_first<IO>()) {
+    nxt.load(p, delta_row, u_row, zr, tok0, w.active);
   } else {
     cur.load(p, delta_row, u_row, zr, tok0, w.active);
   }
@@ -372,13 +390,13 @@ __global__ void __launch_bounds__(kThreads, fwd_lane_min_blocks<T, kOut, IO>()) 
 #pragma unroll 1
       for (int s = 0; s < kSubs; ++s) {
         const int t = ch * kChunk + s * R::kSub;
-        LaneRows3<T, IO> nxt;
         const int j = (ch - w.ch_begin) * kSubs + s;  // sub-chunk of the group
         if (kRing) {
           const int jn = j + fwd_lane_stages<kOut>() - 1;
           ring.issue(p, ring_rows, tok0 + jn * R::kSub, jn, nsub, w.active);
-        } else if (s + 1 < kSubs || more_chunks) {
-          nxt.load(p, delta_row, u_row, zr, t + R::kSub, w.active);
+        } else {
+          if (lane_advance_first<IO>()) cur = nxt;
+          if (s + 1 < kSubs || more_chunks) nxt.load(p, delta_row, u_row, zr, t + R::kSub, w.active);
         }
         // Vector rows: this and every later sub-chunk are past the end (uniform over the block); nothing is
         // issued after this, and the copies in flight are waited for after the loop.
@@ -417,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, fwd_lane_min_blocks<T, kOut, IO>()) 
           }
         }
         if (kOut && w.active) lane_store<T, IO>(p, out_row, t, o);
-        if (!kRing) cur = nxt;
+        if (!kRing && !lane_advance_first<IO>()) cur = nxt;
       }
     }
     if (more_chunks) stage_store(ch + 1, buf ^ 1);
@@ -461,7 +479,7 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {
   rC.store(p, p.Cm, w.b, (w.ch_end - 1) * kChunk, s_C);
   __syncthreads();
 
-  LaneRows3<T, IO> cur;  // Δ, dout, z of the sub-chunk being walked
+  LaneRows3<T, IO> cur, nxt;  // Δ, dout, z of the sub-chunk being walked and (register path) the next one
   const R &cd = cur.a, &cg = cur.b, &cz = cur.c;
   // Ring path: sub-chunk j of the group counted from its end (tokens tok_last - 8j ...), kStages - 1 ahead.
   const int tok_last = w.ch_end * kChunk - R::kSub, nsub = (w.ch_end - w.ch_begin) * kSubs;
@@ -472,6 +490,8 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {
 #pragma unroll
       for (int j = 0; j < kStages - 1; ++j) ring.issue(p, ring_rows, tok_last - j * R::kSub, j, nsub, w.active);
     }
+  } else if (lane_advance_first<IO>()) {
+    nxt.load(p, delta_row, dout_row, zr, tok_last, w.active);
   } else {
     cur.load(p, delta_row, dout_row, zr, tok_last, w.active);
   }
@@ -484,21 +504,18 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {
 #pragma unroll 1
       for (int s = kSubs - 1; s >= 0; --s) {
         const int t = ch * kChunk + s * R::kSub;
-        LaneRows3<T, IO> nxt;
         if (kRing) {
           const int j = (w.ch_end - 1 - ch) * kSubs + (kSubs - 1 - s), jn = j + kStages - 1;
           ring.issue(p, ring_rows, tok_last - jn * R::kSub, jn, nsub, w.active);
           // Waited for and read even when skipped below: its slot is refilled kStages sub-chunks later, and two
           // copies into one slot must not be in flight together.
           ring.read(j, ring_out);
-        } else if (s > 0 || more_chunks) {
-          nxt.load(p, delta_row, dout_row, zr, t - R::kSub, w.active);
+        } else {
+          if (lane_advance_first<IO>()) cur = nxt;
+          if (s > 0 || more_chunks) nxt.load(p, delta_row, dout_row, zr, t - R::kSub, w.active);
         }
         // Vector rows: a sub-chunk past the end leaves the message unchanged (no decay, zero dout); skip it.
-        if (IO != kIOAny && t >= p.seqlen) {
-          if (!kRing) cur = nxt;
-          continue;
-        }
+        if (IO != kIOAny && t >= p.seqlen) continue;
         float dls[R::kSub];
         lane_deltas<T, IO>(p, cd, bias, dls);
 #pragma unroll
@@ -516,7 +533,7 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {
 #pragma unroll
           for (int n = 0; n < kLaneN; ++n) m[n] = lane_exp2<kPoly>(dl * A2[n], n) * (dy * cv[n] + m[n]);
         }
-        if (!kRing) cur = nxt;
+        if (!kRing && !lane_advance_first<IO>()) cur = nxt;
       }
     }
     if (more_chunks) rC.store(p, p.Cm, w.b, (ch - 1) * kChunk, s_C + (buf ^ 1) * kLaneTile);

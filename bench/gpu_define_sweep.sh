@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# GPU session (one device call) comparing compile-time variants of the scan kernels: for each space-separated
+# entry of DEFINES (comma-joined nvcc -D flags, e.g. DEFINES="default MY_SWITCH=1 MY_SWITCH=2,OTHER=0", for
+# switches the kernel sources read with #ifndef ... #define defaults),
+# rebuilds the scan extension with those flags (NVCC_APPEND_FLAGS, a fresh build directory) and writes the
+# per-kernel CUDA times of bench/profile_scan.py --kernels to $OUT/profile_<entry>.txt, printing the lane-walk
+# and backward-kernel rows; the entry "default" profiles the build as it is (no flags, not rebuilt). TESTS=1 also
+# runs tests/test_cuda_kernels.py on each build.
+#   OUT=$OUT DEFINES="..." bash bench/gpu_define_sweep.sh
+source bench/gpu_session_env.sh
+build_extensions
+for d in ${DEFINES:-}; do
+  if [ "$d" != default ]; then
+    flags=""
+    for f in ${d//,/ }; do flags="$flags -D$f"; done
+    rm -rf mamba/build mamba/mamba_ssm/_selective_scan_cuda*.so
+    NVCC_APPEND_FLAGS="$flags" python -m pip install -q --no-build-isolation --no-deps -e ./mamba \
+      > "$OUT/build_${d//[=,]/_}.log" 2>&1 || { echo "build with$flags failed"; tail -5 "$OUT/build_${d//[=,]/_}.log"; continue; }
+    echo "built with$flags after $(( $(date +%s) - start )) s"
+  fi
+  echo "$d:"
+  if [ "${TESTS:-0}" != 0 ]; then
+    timeout ${TEST_TIMEOUT:-240} python -m pytest -q -p no:cacheprovider --tb=short -x tests/test_cuda_kernels.py \
+      > "$OUT/tests_${d//[=,]/_}.txt" 2>&1
+    echo "  tests: $(grep -E 'passed|failed' "$OUT/tests_${d//[=,]/_}.txt" | tail -1)"
+  fi
+  timeout 90 python bench/profile_scan.py --kernels > "$OUT/profile_${d//[=,]/_}.txt" 2>&1
+  awk '/CUDA time per/ {if (n) print "    sum of the scan kernels", s; s = 0; n = 1; print; next}
+       /lane|bwd_main|carry/ {s += $1; print} END {print "    sum of the scan kernels", s}' "$OUT/profile_${d//[=,]/_}.txt"
+done
+echo "end after $(( $(date +%s) - start )) s"
