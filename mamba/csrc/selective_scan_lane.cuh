@@ -100,8 +100,8 @@ struct LaneRows3 {
   }
 };
 
-// Register path, vector rows: the walks take the sub-chunk loaded one step earlier (nxt) as the current one at the
-// top of each step, before the next one is issued into nxt (the first one is loaded into nxt before the loop).
+// Register path, vector rows: the forward walks take the sub-chunk loaded one step earlier (nxt) as the current one
+// at the top of each step, before the next one is issued into nxt (the first one is loaded into nxt before the loop).
 // Loading the first sub-chunk straight into cur and copying cur = nxt after the walk, as before, made ptxas put
 // the wait for the first load on the loop's first read of cur, on a scoreboard that the loop's next-sub-chunk
 // loads also set: every step waited for the loads it had just issued, so nothing was prefetched (nvdisasm control
@@ -111,7 +111,9 @@ struct LaneRows3 {
 // 0.254 ms; 16-bit walks (cp.async ring, not this path) unchanged. Issuing the next chunk's B/C loads later in the
 // chunk instead (they share that scoreboard, so the first wait after them waits for them too) measured no better:
 // half way through the chunk 0.440 / 0.253 ms (the output walk then spills), after its first sub-chunk 0.398 /
-// 0.257 ms and 2% slower 16-bit output walks (bench/gpu_define_sweep.sh).
+// 0.257 ms and 2% slower 16-bit output walks (bench/gpu_define_sweep.sh). The backward first walk keeps the old order:
+// ptxas already waited for its prefetch about 900 instructions after issue there, and the new order would add a wait
+// for the next chunk's C loads at every chunk's first step (same scoreboard).
 template <int IO>
 constexpr bool lane_advance_first() { return IO != kIOAny; }
 
@@ -479,7 +481,7 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {
   rC.store(p, p.Cm, w.b, (w.ch_end - 1) * kChunk, s_C);
   __syncthreads();
 
-  LaneRows3<T, IO> cur, nxt;  // Δ, dout, z of the sub-chunk being walked and (register path) the next one
+  LaneRows3<T, IO> cur;  // Δ, dout, z of the sub-chunk being walked
   const R &cd = cur.a, &cg = cur.b, &cz = cur.c;
   // Ring path: sub-chunk j of the group counted from its end (tokens tok_last - 8j ...), kStages - 1 ahead.
   const int tok_last = w.ch_end * kChunk - R::kSub, nsub = (w.ch_end - w.ch_begin) * kSubs;
@@ -490,8 +492,6 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {
 #pragma unroll
       for (int j = 0; j < kStages - 1; ++j) ring.issue(p, ring_rows, tok_last - j * R::kSub, j, nsub, w.active);
     }
-  } else if (lane_advance_first<IO>()) {
-    nxt.load(p, delta_row, dout_row, zr, tok_last, w.active);
   } else {
     cur.load(p, delta_row, dout_row, zr, tok_last, w.active);
   }
@@ -504,18 +504,21 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {
 #pragma unroll 1
       for (int s = kSubs - 1; s >= 0; --s) {
         const int t = ch * kChunk + s * R::kSub;
+        LaneRows3<T, IO> nxt;
         if (kRing) {
           const int j = (w.ch_end - 1 - ch) * kSubs + (kSubs - 1 - s), jn = j + kStages - 1;
           ring.issue(p, ring_rows, tok_last - jn * R::kSub, jn, nsub, w.active);
           // Waited for and read even when skipped below: its slot is refilled kStages sub-chunks later, and two
           // copies into one slot must not be in flight together.
           ring.read(j, ring_out);
-        } else {
-          if (lane_advance_first<IO>()) cur = nxt;
-          if (s > 0 || more_chunks) nxt.load(p, delta_row, dout_row, zr, t - R::kSub, w.active);
+        } else if (s > 0 || more_chunks) {
+          nxt.load(p, delta_row, dout_row, zr, t - R::kSub, w.active);
         }
         // Vector rows: a sub-chunk past the end leaves the message unchanged (no decay, zero dout); skip it.
-        if (IO != kIOAny && t >= p.seqlen) continue;
+        if (IO != kIOAny && t >= p.seqlen) {
+          if (!kRing) cur = nxt;
+          continue;
+        }
         float dls[R::kSub];
         lane_deltas<T, IO>(p, cd, bias, dls);
 #pragma unroll
@@ -533,7 +536,7 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {
 #pragma unroll
           for (int n = 0; n < kLaneN; ++n) m[n] = lane_exp2<kPoly>(dl * A2[n], n) * (dy * cv[n] + m[n]);
         }
-        if (!kRing && !lane_advance_first<IO>()) cur = nxt;
+        if (!kRing) cur = nxt;
       }
     }
     if (more_chunks) rC.store(p, p.Cm, w.b, (ch - 1) * kChunk, s_C + (buf ^ 1) * kLaneTile);
