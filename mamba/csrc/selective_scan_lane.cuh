@@ -107,8 +107,8 @@ struct LaneRows3 {
 // loads also set: every step waited for the loads it had just issued, so nothing was prefetched (nvdisasm control
 // bits, float32 output walk; Nsight Compute, H200: 35% of its warp stall samples on that one instruction). The
 // general version (kIOAny, scalar loads) keeps the old order: the new one costs it up to 96 bytes of spills.
-// Measured (H200, bench/profile_scan.py --kernels): float32 output walk 0.445 -> 0.401 ms, first walk 0.278 ->
-// 0.254 ms; 16-bit walks (cp.async ring, not this path) unchanged. Issuing the next chunk's B/C loads later in the
+// Measured (H200, bench/profile_scan.py --kernels): float32 output walk 0.445 -> 0.401-0.406 ms, first walk 0.278 ->
+// 0.254-0.255 ms; 16-bit walks (cp.async ring, not this path) unchanged. Issuing the next chunk's B/C loads later in the
 // chunk instead (they share that scoreboard, so the first wait after them waits for them too) measured no better:
 // half way through the chunk 0.440 / 0.253 ms (the output walk then spills), after its first sub-chunk 0.398 /
 // 0.257 ms and 2% slower 16-bit output walks (bench/gpu_define_sweep.sh). The backward first walk keeps the old order:
