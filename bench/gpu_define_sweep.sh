@@ -25,7 +25,6 @@ for d in ${DEFINES:-}; do
     echo "  tests: $(grep -E 'passed|failed' "$OUT/tests_${d//[=,]/_}.txt" | tail -1)"
   fi
   timeout 90 python bench/profile_scan.py --kernels > "$OUT/profile_${d//[=,]/_}.txt" 2>&1
-  awk '/CUDA time per/ {if (n) print "    sum of the scan kernels", s; s = 0; n = 1; print; next}
-       /lane|bwd_main|carry/ {s += $1; print} END {print "    sum of the scan kernels", s}' "$OUT/profile_${d//[=,]/_}.txt"
+  print_scan_profile "$OUT/profile_${d//[=,]/_}.txt"
 done
 echo "end after $(( $(date +%s) - start )) s"

@@ -34,8 +34,7 @@ echo "bench done after $(( $(date +%s) - start )) s"
 for e in ${PROFILE_ENVS:-}; do  # per-kernel times under comma-separated environment settings, e.g. SEGMAMBA_SCAN_CPG=4
   env ${e//,/ } timeout 90 python bench/profile_scan.py --kernels > "$OUT/profile_${e//[=,]/_}.txt" 2>&1
   echo "profile $e:"
-  awk '/CUDA time per/ {if (n) print "    sum of the scan kernels", s; s = 0; n = 1; print; next}
-       /lane|bwd_main|carry/ {s += $1; print} END {print "    sum of the scan kernels", s}' "$OUT/profile_${e//[=,]/_}.txt"
+  print_scan_profile "$OUT/profile_${e//[=,]/_}.txt"
 done
 if [ "${NCU:-1}" != 0 ]; then
   timeout ${NCU_TIMEOUT:-150} ncu --clock-control none -k regex:"${NCU_KERNELS:-lane|bwd_main}" --launch-count 4 \

@@ -18,3 +18,10 @@ build_extensions() {
   wait
   echo "built after $(( $(date +%s) - start )) s"
 }
+
+# Prints the scan kernels' rows (lane walks, backward main kernels, carries) of a bench/profile_scan.py --kernels
+# output file and their sum per dtype.
+print_scan_profile() {
+  awk '/CUDA time per/ {if (n) print "    sum of the scan kernels", s; s = 0; n = 1; print; next}
+       /lane|bwd_main|carry/ {s += $1; print} END {print "    sum of the scan kernels", s}' "$1"
+}
