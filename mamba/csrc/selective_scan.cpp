@@ -211,6 +211,9 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
   at::Tensor dA_part = alloc({p.batch, p.ngroups, p.dstate, p.dim}, f32);
   at::Tensor dD_part = alloc({p.batch, p.ngroups, p.dim}, f32);
   at::Tensor dbias_part = alloc({p.batch, p.ngroups, p.dim}, f32);
+  at::Tensor dA = alloc(A.sizes(), f32);
+  at::Tensor dD = D.has_value() ? alloc({p.dim}, f32) : at::Tensor();
+  at::Tensor dbias = delta_bias.has_value() ? alloc({p.dim}, f32) : at::Tensor();
   p.dout = dout.data_ptr();
   p.du = du.data_ptr();
   p.ddelta = ddelta.data_ptr();
@@ -225,10 +228,10 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
   p.dA_part = dA_part.data_ptr<float>();
   p.dD_part = dD_part.data_ptr<float>();
   p.dbias_part = dbias_part.data_ptr<float>();
+  p.dA = dA.data_ptr<float>();
+  p.dD = D.has_value() ? dD.data_ptr<float>() : nullptr;
+  p.dbias = delta_bias.has_value() ? dbias.data_ptr<float>() : nullptr;
   check_err(selective_scan::backward(p, at::cuda::getCurrentCUDAStream()), "backward");
-  at::Tensor dA = dA_part.sum(at::IntArrayRef({0, 1})).t().contiguous();
-  at::Tensor dD = D.has_value() ? dD_part.sum(at::IntArrayRef({0, 1})) : at::Tensor();
-  at::Tensor dbias = delta_bias.has_value() ? dbias_part.sum(at::IntArrayRef({0, 1})) : at::Tensor();
   return {du, ddelta, dA, dB, dC, dD, dz, dbias};
 }
 

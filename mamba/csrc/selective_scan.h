@@ -20,7 +20,9 @@ constexpr int kSegChunks = 32;
 // group_dsum: (batch, ngroups, dim) fp32; seg_agg: (batch, nseg, dstate + 1, dim) fp32 with
 // nseg = ceil(ngroups / kSegChunks); last_state: (batch, dim, dstate) fp32 or null;
 // dB, dC: (batch, 1, dstate, seqlen) fp32 (zero-filled when `grid_dim_tiles() > 1`, which uses atomics);
-// dA_part: (batch, ngroups, dstate, dim); dD_part, dbias_part: (batch, ngroups, dim) fp32.
+// dA_part: (batch, ngroups, dstate, dim); dD_part, dbias_part: (batch, ngroups, dim) fp32 (per-block partial sums
+// of the backward main kernel); dA: (dim, dstate), dD, dbias: (dim) fp32, their sums over batch and groups
+// (dD / dbias null when there is no D / delta_bias).
 struct Params {
   int batch = 0, dim = 0, seqlen = 0, dstate = 0;
   int nchunks = 0, nseg = 0;
@@ -64,6 +66,9 @@ struct Params {
   float* dA_part = nullptr;
   float* dD_part = nullptr;
   float* dbias_part = nullptr;
+  float* dA = nullptr;
+  float* dD = nullptr;
+  float* dbias = nullptr;
 };
 
 // Padded state count used by the kernels (16, 32 or 64); 0 if dstate is unsupported (> 64).

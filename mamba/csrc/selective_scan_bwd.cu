@@ -553,6 +553,80 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
   }
 }
 
+// dA, dD and dbias: the backward main kernel's per-block partial sums added up over batch and groups (rows).
+// Column j of the partial arrays: j < dstate·dim a dA_part column (n = j / dim, d = j % dim), then the dD_part
+// and the dbias_part columns. Two passes, both in a fixed order (no atomics: the result does not depend on
+// scheduling). Pass 1: block (x, y) sums rows [y·kRedRows, (y + 1)·kRedRows) of 32 consecutive columns
+// (coalesced), kRedSplit threads per column with four accumulators each, then the kRedSplit sums in shared
+// memory; with more than one row block it writes them to a (row blocks, columns) scratch array, for which the
+// group_local array is reused (dead once the carry has run; the launcher checks its size). Pass 2 adds the row
+// blocks' sums the same way. At B=2, D=96, L=262144 (4096 rows, 28 MB of partial sums) on an H200: 0.014 ms for
+// both passes, against 0.035 ms for the three ATen reductions and the transposing copy this replaces, and
+// 0.022 ms for a first version in one pass over all rows (54 blocks: too few).
+constexpr int kRedSplit = 8, kRedRows = 128;
+
+__device__ __forceinline__ void store_reduced(const Params& p, int j, float t) {
+  const int nd = p.dstate * p.dim;
+  if (j < nd) {
+    p.dA[(size_t)(j % p.dim) * p.dstate + j / p.dim] = t;  // dA is (dim, dstate), like A
+  } else if (j < nd + p.dim) {
+    if (p.dD != nullptr) p.dD[j - nd] = t;
+  } else if (p.dbias != nullptr) {
+    p.dbias[j - nd - p.dim] = t;
+  }
+}
+
+// nblocks = 0: pass 1 (grid.y row blocks); nblocks > 0: pass 2 over that many row blocks' sums in the scratch.
+__global__ void __launch_bounds__(32 * kRedSplit) reduce_parts_kernel(Params p, int nblocks) {
+  __shared__ float part[kRedSplit][33];
+  const int nd = p.dstate * p.dim, cols = nd + 2 * p.dim;
+  const int j = blockIdx.x * 32 + threadIdx.x;
+  const float* src = nullptr;
+  size_t stride = 0;
+  int r0 = 0, r1 = 0;
+  if (j < cols) {
+    if (nblocks > 0) {
+      src = p.group_local + j, stride = (size_t)cols, r1 = nblocks;
+    } else {
+      if (j < nd) src = p.dA_part + j, stride = (size_t)nd;
+      else if (j < nd + p.dim) src = p.dD_part + (j - nd), stride = (size_t)p.dim;
+      else src = p.dbias_part + (j - nd - p.dim), stride = (size_t)p.dim;
+      r0 = blockIdx.y * kRedRows;
+      r1 = min(p.batch * p.ngroups, r0 + kRedRows);
+    }
+  }
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  if (src != nullptr) {
+    int r = r0 + threadIdx.y;
+    for (; r + 3 * kRedSplit < r1; r += 4 * kRedSplit) {
+      s0 += src[(size_t)r * stride];
+      s1 += src[(size_t)(r + kRedSplit) * stride];
+      s2 += src[(size_t)(r + 2 * kRedSplit) * stride];
+      s3 += src[(size_t)(r + 3 * kRedSplit) * stride];
+    }
+    for (; r < r1; r += kRedSplit) s0 += src[(size_t)r * stride];
+  }
+  part[threadIdx.y][threadIdx.x] = (s0 + s1) + (s2 + s3);
+  __syncthreads();
+  if (threadIdx.y != 0 || src == nullptr) return;
+  float t = 0.f;
+#pragma unroll
+  for (int y = 0; y < kRedSplit; ++y) t += part[y][threadIdx.x];
+  if (nblocks == 0 && gridDim.y > 1) p.group_local[(size_t)blockIdx.y * cols + j] = t;
+  else store_reduced(p, j, t);
+}
+
+inline cudaError_t launch_reduce_parts(const Params& p, cudaStream_t stream) {
+  const int cols = p.dstate * p.dim + 2 * p.dim, rows = p.batch * p.ngroups;
+  const int nblocks = (rows + kRedRows - 1) / kRedRows;
+  const unsigned xblocks = (unsigned)((cols + 31) / 32);
+  // The scratch must fit in group_local: (batch·ngroups, dstate, dim) floats.
+  if (nblocks > 1 && (long long)nblocks * cols > (long long)rows * p.dstate * p.dim) return cudaErrorInvalidValue;
+  reduce_parts_kernel<<<dim3(xblocks, (unsigned)nblocks), dim3(32, kRedSplit), 0, stream>>>(p, 0);
+  if (nblocks > 1) reduce_parts_kernel<<<xblocks, dim3(32, kRedSplit), 0, stream>>>(p, nblocks);
+  return cudaGetLastError();
+}
+
 template <typename T, int NP>
 cudaError_t backward_impl(const Params& p, cudaStream_t stream) {
   using G = Geo<NP>;
@@ -586,7 +660,8 @@ cudaError_t backward_impl(const Params& p, cudaStream_t stream) {
   if ((err = launch_carry(p, /*reverse=*/true, p.group_local, p.group_carry, stream)) != cudaSuccess) return err;
   if (v2) bwd_main2_kernel<T, NP><<<grid, kThreads, smem_main, stream>>>(p, grid.x > 1);
   else bwd_main_kernel<T, NP><<<grid, kThreads, smem_main, stream>>>(p, grid.x > 1);
-  return cudaGetLastError();
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  return launch_reduce_parts(p, stream);
 }
 
 template <typename T>
