@@ -203,8 +203,8 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
   at::Tensor du = alloc(u.sizes(), u.options());
   at::Tensor ddelta = alloc(u.sizes(), u.options());
   at::Tensor dz = z.has_value() ? alloc(u.sizes(), u.options()) : at::Tensor();
-  at::Tensor dB = atomic_bc ? at::zeros(B.sizes(), f32) : alloc(B.sizes(), f32);
-  at::Tensor dC = atomic_bc ? at::zeros(C.sizes(), f32) : alloc(C.sizes(), f32);
+  at::Tensor dB = alloc(B.sizes(), f32);  // (zeroed by the first walk when atomic_bc)
+  at::Tensor dC = alloc(C.sizes(), f32);
   at::Tensor rev_local = alloc({p.batch, p.ngroups, p.dstate, p.dim}, f32);
   at::Tensor rev_carry = alloc({p.batch, p.ngroups, p.dstate, p.dim}, f32);
   at::Tensor seg_agg = alloc({p.batch, p.nseg, p.dstate + 1, p.dim}, f32);
@@ -220,6 +220,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta, const 
   p.dz = z.has_value() ? dz.data_ptr() : nullptr;
   p.dB = dB.data_ptr<float>();
   p.dC = dC.data_ptr<float>();
+  p.zero_bc = atomic_bc;
   p.group_local = rev_local.data_ptr<float>();
   p.group_carry = rev_carry.data_ptr<float>();
   p.chunk_carry = const_cast<float*>(chunk_carry.data_ptr<float>());

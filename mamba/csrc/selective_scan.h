@@ -19,7 +19,8 @@ constexpr int kSegChunks = 32;
 // chunk_carry: (batch, nchunks, dstate, dim) fp32; group_local, group_carry: (batch, ngroups, dstate, dim) fp32;
 // group_dsum: (batch, ngroups, dim) fp32; seg_agg: (batch, nseg, dstate + 1, dim) fp32 with
 // nseg = ceil(ngroups / kSegChunks); last_state: (batch, dim, dstate) fp32 or null;
-// dB, dC: (batch, 1, dstate, seqlen) fp32 (zero-filled when `grid_dim_tiles() > 1`, which uses atomics);
+// dB, dC: (batch, 1, dstate, seqlen) fp32 (zero-filled by the backward's first walk when zero_bc, which the caller
+// sets when channel_tiles() > 1: the main kernel then adds into them with atomics);
 // dA_part: (batch, ngroups, dstate, dim); dD_part, dbias_part: (batch, ngroups, dim) fp32 (per-block partial sums
 // of the backward main kernel); dA: (dim, dstate), dD, dbias: (dim) fp32, their sums over batch and groups
 // (dD / dbias null when there is no D / delta_bias).
@@ -69,6 +70,8 @@ struct Params {
   float* dA = nullptr;
   float* dD = nullptr;
   float* dbias = nullptr;
+  // Zero dB and dC in the backward's first walk (set when the main kernel adds into them atomically).
+  bool zero_bc = false;
 };
 
 // Padded state count used by the kernels (16, 32 or 64); 0 if dstate is unsupported (> 64).

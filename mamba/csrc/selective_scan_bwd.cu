@@ -92,6 +92,7 @@ __global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : kBwdLocalMinBlocks) 
   float* s_delta = reinterpret_cast<float*>(smem4);
   float* s_dy = s_delta + G::kTile;
   float* s_C = s_dy + G::kTile;
+  zero_bc_share(p);
   const Who<NP> w(p.dim);
   const int b = blockIdx.z;
   float A2[kNPT];

@@ -453,6 +453,27 @@ __device__ __forceinline__ float walk_token(const float* s_delta, const float* s
   return dl;
 }
 
+// Zero-fills this block's share of dB and dC when p.zero_bc (the backward main kernel adds into them with atomics
+// when there are several channel tiles). Called by the backward's first walk, whose walk the stores overlap:
+// one fill kernel fewer (0.016 ms at B=2, D=96, L=262144 on an H200, where the first walk measured 0.306 ->
+// 0.302 ms in float32 and 0.303 -> 0.309 ms in float16 with them). 1-D blocks; dB and dC are fresh allocations
+// (16-byte aligned), written in float4 with the scalar tail by block 0.
+__device__ __forceinline__ void zero_bc_share(const Params& p) {
+  if (!p.zero_bc) return;
+  const size_t n = (size_t)p.batch * p.dstate * p.seqlen, n4 = n / 4;
+  const size_t nblk = (size_t)gridDim.x * gridDim.y * gridDim.z;
+  const size_t blk = blockIdx.x + (size_t)gridDim.x * (blockIdx.y + (size_t)gridDim.y * blockIdx.z);
+  const size_t per = (n4 + nblk - 1) / nblk, lo = blk * per, hi = lo + per < n4 ? lo + per : n4;
+  const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (size_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+    reinterpret_cast<float4*>(p.dB)[i] = zero;
+    reinterpret_cast<float4*>(p.dC)[i] = zero;
+  }
+  if (blk == 0) {
+    for (size_t i = n4 * 4 + threadIdx.x; i < n; i += blockDim.x) p.dB[i] = p.dC[i] = 0.f;
+  }
+}
+
 // Per-chunk (rows = nchunks) and per-group (rows = ngroups) state arrays, both (batch, rows, dstate, dim).
 __device__ __forceinline__ size_t state_idx(const Params& p, int rows, int b, int r, int n, int d) {
   return (((size_t)b * rows + r) * p.dstate + n) * p.dim + d;

@@ -464,6 +464,7 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_lane_local_kernel(Params p) {
   extern __shared__ float4 smem4[];
   float* s_C = reinterpret_cast<float*>(smem4);  // 2 buffers
   const BwdLocalRing<T, IO> ring(s_C + 2 * kLaneTile);  // (vector rows only)
+  zero_bc_share(p);
   const LaneWho w(p);
   float A2[kLaneN], m[kLaneN];
   lane_A2(p, w, A2);
