@@ -19,11 +19,13 @@
 //             (3) walk each group from its true incoming state -> outputs, and the state
 //                 entering every chunk (chunk_carry, saved for backward)               [fwd_out / fwd_lane<out>]
 //   backward: (1) reverse walk of the adjoint over each group from zero -> message   [bwd_local / bwd_lane_local]
+//                 (its blocks also zero dB/dC when (3) adds into them atomically)
 //             (2) carry the message right-to-left across groups                      [carry_* kernels]
 //             (3) chunks of a group last to first, carrying the message: forward walk from chunk_carry storing
 //                 a state checkpoint every kSeg tokens, then segment by segment (last first): recompute the
 //                 kSeg states and decays into registers and walk the adjoint backwards -> every gradient
-//                                                                                       [bwd_main_kernel]
+//                 (dA, dD, dbias as per-block partial sums)                             [bwd_main(2)_kernel]
+//             (4) dA, dD, dbias summed over the blocks in a fixed order                 [reduce_parts_kernel]
 // In the state-split kernels per-token inputs are staged into shared-memory tiles [token][channel] with
 // coalesced loads (softplus, sigmoid and silu evaluated once per token there), B and C into [token][state]
 // tiles shared by all channels of the block. dB/dC (sums over channels) are reduced across lanes with a
