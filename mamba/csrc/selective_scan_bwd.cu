@@ -554,33 +554,60 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
   }
 }
 
-// dA, dD and dbias: the backward main kernel's per-block partial sums added up over batch and groups (rows).
-// Column j of the partial arrays: j < dstate·dim a dA_part column (n = j / dim, d = j % dim), then the dD_part
-// and the dbias_part columns. Two passes, both in a fixed order (no atomics: the result does not depend on
-// scheduling). Pass 1: block (x, y) sums rows [y·kRedRows, (y + 1)·kRedRows) of 32 consecutive columns
-// (coalesced), kRedSplit threads per column with four accumulators each, then the kRedSplit sums in shared
-// memory; with more than one row block it writes them to a (row blocks, columns) scratch array, for which the
-// group_local array is reused (dead once the carry has run; the launcher checks its size). Pass 2 adds the row
-// blocks' sums the same way. At B=2, D=96, L=262144 (4096 rows, 28 MB of partial sums) on an H200: 0.014 ms for
-// both passes, against 0.035 ms for the three ATen reductions and the transposing copy this replaces, and
-// 0.022 ms for a first version in one pass over all rows (54 blocks: too few).
+// dA, dD and dbias: the backward main kernel's per-block partial sums added up over batch and groups (rows). Column
+// j of the partial arrays: j < dstate·dim a dA_part column (n = j / dim, d = j % dim), then the dD_part and the
+// dbias_part columns, each only when that gradient is asked for (reduce_cols). Two passes, both in a fixed order
+// (no atomics: the result does not depend on scheduling). Pass 1: block (x, y) sums rows [y·kRedRows, (y +
+// 1)·kRedRows) of 32 consecutive columns (coalesced), kRedSplit threads per column with four accumulators each,
+// then the kRedSplit sums in shared memory; with more than one row block it writes them to a (row blocks, columns)
+// scratch array, for which the group_local array is reused (dead once the carry has run; the launcher checks its
+// size). Pass 2 adds the row blocks' sums the same way. At B=2, D=96, L=262144 (4096 rows, 28 MB of partial sums)
+// on an H200: 0.014 ms for both passes, against 0.035 ms for the three ATen reductions and the transposing copy
+// this replaces, and 0.022 ms for a first version in one pass over all rows (54 blocks: too few).
 constexpr int kRedSplit = 8, kRedRows = 128;
 
+// Columns summed: the dA_part columns, then the dD_part columns only when there is a D, then the dbias_part
+// columns only when there is a delta_bias (the kernel writes their partial sums either way).
+__host__ __device__ __forceinline__ int reduce_cols(const Params& p) {
+  return p.dstate * p.dim + (p.dD != nullptr ? p.dim : 0) + (p.dbias != nullptr ? p.dim : 0);
+}
+
+// Column j's partial sums (first row) and the output element it is summed into.
+__device__ __forceinline__ const float* reduce_src(const Params& p, int j, size_t& stride) {
+  const int nd = p.dstate * p.dim;
+  stride = (size_t)p.dim;
+  if (j < nd) {
+    stride = (size_t)nd;
+    return p.dA_part + j;
+  }
+  j -= nd;
+  if (p.dD != nullptr) {
+    if (j < p.dim) return p.dD_part + j;
+    j -= p.dim;
+  }
+  return p.dbias_part + j;
+}
 __device__ __forceinline__ void store_reduced(const Params& p, int j, float t) {
   const int nd = p.dstate * p.dim;
   if (j < nd) {
     p.dA[(size_t)(j % p.dim) * p.dstate + j / p.dim] = t;  // dA is (dim, dstate), like A
-  } else if (j < nd + p.dim) {
-    if (p.dD != nullptr) p.dD[j - nd] = t;
-  } else if (p.dbias != nullptr) {
-    p.dbias[j - nd - p.dim] = t;
+    return;
   }
+  j -= nd;
+  if (p.dD != nullptr) {
+    if (j < p.dim) {
+      p.dD[j] = t;
+      return;
+    }
+    j -= p.dim;
+  }
+  p.dbias[j] = t;
 }
 
 // nblocks = 0: pass 1 (grid.y row blocks); nblocks > 0: pass 2 over that many row blocks' sums in the scratch.
 __global__ void __launch_bounds__(32 * kRedSplit) reduce_parts_kernel(Params p, int nblocks) {
   __shared__ float part[kRedSplit][33];
-  const int nd = p.dstate * p.dim, cols = nd + 2 * p.dim;
+  const int cols = reduce_cols(p);
   const int j = blockIdx.x * 32 + threadIdx.x;
   const float* src = nullptr;
   size_t stride = 0;
@@ -589,9 +616,7 @@ __global__ void __launch_bounds__(32 * kRedSplit) reduce_parts_kernel(Params p, 
     if (nblocks > 0) {
       src = p.group_local + j, stride = (size_t)cols, r1 = nblocks;
     } else {
-      if (j < nd) src = p.dA_part + j, stride = (size_t)nd;
-      else if (j < nd + p.dim) src = p.dD_part + (j - nd), stride = (size_t)p.dim;
-      else src = p.dbias_part + (j - nd - p.dim), stride = (size_t)p.dim;
+      src = reduce_src(p, j, stride);
       r0 = blockIdx.y * kRedRows;
       r1 = min(p.batch * p.ngroups, r0 + kRedRows);
     }
@@ -618,7 +643,7 @@ __global__ void __launch_bounds__(32 * kRedSplit) reduce_parts_kernel(Params p, 
 }
 
 inline cudaError_t launch_reduce_parts(const Params& p, cudaStream_t stream) {
-  const int cols = p.dstate * p.dim + 2 * p.dim, rows = p.batch * p.ngroups;
+  const int cols = reduce_cols(p), rows = p.batch * p.ngroups;
   const int nblocks = (rows + kRedRows - 1) / kRedRows;
   const unsigned xblocks = (unsigned)((cols + 31) / 32);
   // The scratch must fit in group_local: (batch·ngroups, dstate, dim) floats.
