@@ -236,17 +236,18 @@ struct Geo {
   static constexpr int R = 8 >> LEVELS;        // values per lane after the reduce-scatter
 };
 
-// Which channel / states this thread owns.
+// Which channel / states this thread owns: lane = cw·LPC + q (channel cw of the warp, states q·kNPT ...). The
+// warp's channels in the block tile are warp·CPW + cw (consecutive), or with `strided` cw·(kThreads / 32) + warp.
 template <int NP>
 struct Who {
   int lane, warp, cw, q, c, d;
   bool active;
-  __device__ __forceinline__ explicit Who(int dim) {
+  __device__ __forceinline__ explicit Who(int dim, bool strided = false) {
     lane = threadIdx.x & 31;
     warp = threadIdx.x >> 5;
     cw = lane / Geo<NP>::LPC;
     q = lane % Geo<NP>::LPC;
-    c = warp * Geo<NP>::CPW + cw;
+    c = strided ? cw * (kThreads / 32) + warp : warp * Geo<NP>::CPW + cw;
     d = blockIdx.x * Geo<NP>::CPB + c;
     active = d < dim;
   }
