@@ -257,7 +257,10 @@ struct Who {
 // mappings, both with consecutive threads on consecutive tokens of a row (coalesced):
 //   scalar: element j of thread tid is token tid % kChunk of channel tid / kChunk + j * kCStep;
 //   vector (p.vec_io): the row is read in vectors of kV tokens; vector slot k of thread tid is vector
-//           vi = tid + k * kThreads, i.e. channel vi / kVPR, tokens (vi % kVPR) * kV ... + kV - 1.
+//           vi = tid + k * kThreads, a warp's 32 consecutive vi covering kVW = 8 consecutive vectors (128 bytes)
+//           of each of 32 / kVW consecutive channels (vec_c, vec_v). With the previous map (channel vi / kVPR:
+//           a warp on 2 channels x 16 vectors for float32) the tile stores and store_tile's loads hit 2 addresses
+//           per bank; now float32's fall into distinct banks (TS odd). 16-bit rows (kVPR = 8) map as before.
 // All loads of a tile are issued before any is used; optionally (kPrefetch) one chunk ahead, so they are in
 // flight while the previous chunk is walked. Values are then converted into shared-memory tiles [t][c].
 template <typename T, int NP>
@@ -269,12 +272,18 @@ struct TileMap {
   static constexpr int kVPR = kChunk / kV;                       // vectors per row
   static constexpr int kVecs = kPer / kV;                        // vectors per thread
   static_assert(kPer % kV == 0, "tile mapping");
+  static constexpr int kVW = 8;             // vectors of a channel row per warp
+  static constexpr int kHW = kVPR / kVW;    // warps per row
+  static_assert(kVPR % kVW == 0, "tile mapping");
+  // channel-in-tile and vector-in-row of vector vi
+  static __device__ __forceinline__ int vec_c(int vi) { return (vi / 32 / kHW) * (32 / kVW) + (vi % 32) / kVW; }
+  static __device__ __forceinline__ int vec_v(int vi) { return (vi / 32 % kHW) * kVW + vi % kVW; }
   // channel-in-tile and token-in-chunk of element j (j = k * kV + i in the vector mapping)
   static __device__ __forceinline__ int c(bool vec, int j) {
-    return vec ? (threadIdx.x + (j / kV) * kThreads) / kVPR : threadIdx.x / kChunk + j * kCStep;
+    return vec ? vec_c(threadIdx.x + (j / kV) * kThreads) : threadIdx.x / kChunk + j * kCStep;
   }
   static __device__ __forceinline__ int t(bool vec, int j) {
-    return vec ? ((threadIdx.x + (j / kV) * kThreads) % kVPR) * kV + j % kV : threadIdx.x % kChunk;
+    return vec ? vec_v(threadIdx.x + (j / kV) * kThreads) * kV + j % kV : threadIdx.x % kChunk;
   }
   static __device__ __forceinline__ int d(bool vec, int j) { return blockIdx.x * Geo<NP>::CPB + c(vec, j); }
 };
@@ -370,7 +379,14 @@ __device__ __forceinline__ void store_tile(const Params& p, void* dst, const flo
 
 // Raw values of a (batch, 1, dstate, seqlen) tensor for one chunk, held in registers (in input precision, in
 // load order: see RowRegs); stored into a [token][state] tile with row stride BS = NP + 4 (keeps float4
-// alignment, limits store bank conflicts).
+// alignment, limits store bank conflicts). Vector path: vector vi is state row vi % NP, vector vi / NP of the row,
+// so that a warp stores into one or two tokens' rows of the tile: distinct banks in float32 (2 addresses per bank
+// for 16-bit inputs, whose kV = 8 tokens per vector put a row's vectors 8·BS floats apart). With state row
+// vi / kVPR (a warp on 2 rows x 16 vectors in float32, 4 x 8 for 16-bit) the stores hit 8 addresses per bank.
+// Both map changes measured together (H200, bench/profile_scan.py --kernels, backward main kernel): N = 16 float32
+// 1.548 -> 1.550 ms, float16 1.488 -> 1.455 ms; N = 32 3.15 -> 3.07 / 3.03 -> 2.91 ms; N = 64 9.80 -> 9.77 /
+// 7.58 -> 7.29 ms; Nsight Compute (N = 16, float32): shared-store bank conflicts 19.5 M -> 0.5 M. The same change in
+// the lane walks' B/C staging (LaneBC) measured no different and was not kept.
 template <typename T, int NP>
 struct BCRegs {
   static constexpr int kNStep = kThreads / kChunk;
@@ -379,6 +395,8 @@ struct BCRegs {
   static constexpr int kV = kV0 < kPer ? kV0 : kPer;
   static constexpr int kVPR = kChunk / kV;
   static constexpr int kVecs = kPer / kV;
+  static __device__ __forceinline__ int vec_n(int vi) { return vi % NP; }
+  static __device__ __forceinline__ int vec_v(int vi) { return vi / NP; }
   Words<T, kV> r[kVecs];  // (scalar path: element j is element j % kV of r[j / kV])
   __device__ __forceinline__ void load(const Params& p, const void* src, int b, int t0) {
     const T* base = static_cast<const T*>(src) + (size_t)b * p.dstate * p.seqlen;
@@ -386,7 +404,7 @@ struct BCRegs {
 #pragma unroll
       for (int k = 0; k < kVecs; ++k) {
         const int vi = threadIdx.x + k * kThreads;
-        const int n = vi / kVPR, tt = t0 + (vi % kVPR) * kV;
+        const int n = vec_n(vi), tt = t0 + vec_v(vi) * kV;
         if (n < p.dstate && tt < p.seqlen) r[k].load(base + (size_t)n * p.seqlen + io_vec_pos<kIOAny, kV>(p, tt));
         else r[k].zero();
       }
@@ -408,7 +426,7 @@ struct BCRegs {
 #pragma unroll
       for (int k = 0; k < kVecs; ++k) {
         const int vi = threadIdx.x + k * kThreads;
-        const int n = vi / kVPR, t = (vi % kVPR) * kV;
+        const int n = vec_n(vi), t = vec_v(vi) * kV;
 #pragma unroll
         for (int i = 0; i < kV; ++i)
           tile[(t + i) * Geo<NP>::BS + n] = p.reverse ? r[k].at(kV - 1 - i) : r[k].at(i);
