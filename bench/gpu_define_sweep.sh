@@ -5,7 +5,7 @@
 # rebuilds the scan extension with those flags (NVCC_APPEND_FLAGS, a fresh build directory) and writes the
 # per-kernel CUDA times of bench/profile_scan.py --kernels to $OUT/profile_<entry>.txt, printing the lane-walk
 # and backward-kernel rows; the entry "default" profiles the build as it is (no flags, not rebuilt). TESTS=1 also
-# runs tests/test_cuda_kernels.py on each build.
+# runs tests/test_cuda_kernels.py on each build; DSTATES="64" also profiles each build at those d_state values.
 #   OUT=$OUT DEFINES="..." bash bench/gpu_define_sweep.sh
 source bench/gpu_session_env.sh
 build_extensions
@@ -26,5 +26,9 @@ for d in ${DEFINES:-}; do
   fi
   timeout 90 python bench/profile_scan.py --kernels > "$OUT/profile_${d//[=,]/_}.txt" 2>&1
   print_scan_profile "$OUT/profile_${d//[=,]/_}.txt"
+  for n in ${DSTATES:-}; do  # the per-kernel table at other d_state values as well
+    timeout 120 python bench/profile_scan.py --kernels --dstate $n > "$OUT/profile_${d//[=,]/_}_n$n.txt" 2>&1
+    print_scan_profile "$OUT/profile_${d//[=,]/_}_n$n.txt"
+  done
 done
 echo "end after $(( $(date +%s) - start )) s"

@@ -4,7 +4,8 @@
 # the SASS of the float32 walk kernels (instruction counts per kernel, archived).
 #   OUT=$OUT bash bench/gpu_scan_probe_session.sh
 # env: TESTS=0 skips the tests, TEST_VARIANTS="0" repeats them per backward main kernel, SANITIZE=1 runs
-# compute-sanitizer memcheck and racecheck, BENCH_ARGS, NCU=0, NCU_KERNELS (regex), SASS_KERNELS (mangled-name
+# compute-sanitizer memcheck and racecheck, BENCH_ARGS, NCU=0, NCU_KERNELS (regex), NCU_METRICS (comma-joined
+# Nsight Compute metrics added to the stall section's, e.g. shared-memory wavefronts), SASS_KERNELS (mangled-name
 # fragments), PROFILE_ENVS="SEGMAMBA_SCAN_CPG=2 ..." times each kernel (bench/profile_scan.py --kernels) once per
 # space-separated (comma-joined) environment setting. SRC_NCU (regex) exports the per-instruction stall samples
 # (Nsight Compute source page, SASS) of the first matching launch as ncu_src.csv.gz (SRC_NCU_ARGS="--launch-skip 1"
@@ -39,7 +40,7 @@ done
 if [ "${NCU:-1}" != 0 ]; then
   timeout ${NCU_TIMEOUT:-150} ncu --clock-control none -k regex:"${NCU_KERNELS:-lane|bwd_main}" --launch-count 4 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
-    --metrics "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum,sm__warps_active.avg.per_cycle_active" \
+    --metrics "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_lsu.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum,sm__warps_active.avg.per_cycle_active${NCU_METRICS:+,$NCU_METRICS}" \
     python bench/ncu_scan.py float32 > "$OUT/ncu_stalls.txt" 2>&1
   echo "ncu exit $? after $(( $(date +%s) - start )) s"
 fi

@@ -2,6 +2,7 @@
 backward) for a profiler, or, with ``--kernels``, prints each kernel's CUDA time from torch.profiler:
 
     python bench/profile_scan.py --kernels            # per-kernel table (median of 5 steps)
+    python bench/profile_scan.py --kernels --dstate 64
     ncu --clock-control none -k regex:"fwd_local|fwd_out|bwd_local|bwd_main" --launch-count 8 \\
         --section SpeedOfLight --section WarpStateStats python bench/profile_scan.py
 """
@@ -14,8 +15,8 @@ import torch
 from mamba_ssm.ops import selective_scan_fn
 
 
-def step_fn(dtype):
-    b, d, length, n = 2, 96, 262144, 16
+def step_fn(dtype, n=16):
+    b, d, length = 2, 96, 262144
     mk = lambda *s: torch.randn(*s, device="cuda").to(dtype).requires_grad_()  # noqa: E731
     u, delta, z = mk(b, d, length), mk(b, d, length), mk(b, d, length)
     Bm, Cm = mk(b, 1, n, length), mk(b, 1, n, length)
@@ -32,8 +33,8 @@ def step_fn(dtype):
     return step
 
 
-def kernel_table(dtype, steps=5):
-    step = step_fn(dtype)
+def kernel_table(dtype, steps=5, n=16):
+    step = step_fn(dtype, n)
     step()
     torch.cuda.synchronize()
     times = collections.defaultdict(list)
@@ -49,7 +50,7 @@ def kernel_table(dtype, steps=5):
                 per[name] += ev.device_time / 1000
         for k, v in per.items():
             times[k].append(v)
-    print(f"\n{str(dtype)}: CUDA time per forward+backward (ms, median of {steps})")
+    print(f"\n{str(dtype)}: CUDA time per forward+backward (ms, median of {steps}{'' if n == 16 else f', N={n}'})")
     for k, v in sorted(times.items(), key=lambda kv: -statistics.median(kv[1])):
         print(f"  {statistics.median(v):8.3f}  {k[:90]}")
 
@@ -57,12 +58,14 @@ def kernel_table(dtype, steps=5):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", action="store_true", help="print per-kernel CUDA times (torch.profiler)")
+    ap.add_argument("--dstate", type=int, default=16, help="d_state N (16: the model's; 32 and 64 run the "
+                    "state-split kernels)")
     args = ap.parse_args()
     for dtype in (torch.float32, torch.float16):
         if args.kernels:
-            kernel_table(dtype)
+            kernel_table(dtype, n=args.dstate)
         else:
-            step_fn(dtype)()
+            step_fn(dtype, args.dstate)()
     torch.cuda.synchronize()
 
 
