@@ -323,10 +323,11 @@ __host__ __device__ constexpr int epilogue_window() {
 
 // One segment's partial dB/dC sums in bwd_main2_kernel's write-out buffer: 32·R rows (value r of lane l after the
 // reduce-scatter is row r·32 + l) of kSeg·(kThreads / 32) columns (token i of the segment, warp wp: column
-// i·(kThreads / 32) + wp), padded to an odd row stride.
+// i·(kThreads / 32) + wp), padded to the odd row stride kMain2RedStride.
+constexpr int kMain2RedStride = kSeg * (kThreads / 32) + 1;
 template <int NP>
 __host__ __device__ constexpr int bwd_main2_red_floats() {
-  return 32 * Geo<NP>::R * (kSeg * (kThreads / 32) + 1);
+  return 32 * Geo<NP>::R * kMain2RedStride;
 }
 
 template <int NP>
@@ -403,16 +404,14 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
   // This thread's dB/dC outputs in the write-out after each segment: token red_i of the segment, rows red_rho0 +
   // j·kRowStep of the partial sums. A warp covers 8 consecutive tokens x 4 rows: its atomic adds touch four
   // 32-byte segments of dB/dC per instruction, where one token x 32 rows (the previous map) touched 32. The row
-  // stride kRedS is odd, so both the per-token stores (32 rows of one column) and these loads (8 columns x 4 rows)
-  // are free of bank conflicts. Measured (H200, as above): 1.663 -> 1.536 ms in float32, 1.600 -> 1.488 ms in
+  // stride kMain2RedStride is odd, so both the per-token stores (32 rows of one column) and these loads (8 columns
+  // x 4 rows) are free of bank conflicts. Measured (H200, as above): 1.663 -> 1.536 ms in float32, 1.600 -> 1.488 ms in
   // float16, and at N = 64 11.4 -> 9.6 / 11.9 -> 7.6 ms; Nsight Compute: the kernel's L1 wavefronts 342 M -> 293 M
   // (the L1/shared pipe, 80% busy before, limits it).
   constexpr int kWarps = kThreads / 32;
-  constexpr int kRedS = kSeg * kWarps + 1;
   constexpr int kRowStep = kThreads / kSeg;
   constexpr int kRedPer = 32 * G::R / kRowStep;
-  static_assert(kThreads % kSeg == 0 && (32 * G::R) % kRowStep == 0 && kRedS * 32 * G::R == bwd_main2_red_floats<NP>(),
-                "write-out mapping");
+  static_assert(kThreads % kSeg == 0 && (32 * G::R) % kRowStep == 0, "write-out mapping");
   const int red_i = tid % kSeg, red_rho0 = tid / kSeg;
   // Output row j of this thread (dB or dC, state n; valid: n < dstate), hoisted out of the chunk loop for up to
   // two rows (d_state 16; more, for 64 states, spill in float32).
@@ -536,7 +535,7 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
         }
         reduce_scatter_channels<NP>(v, w.lane);
 #pragma unroll
-        for (int r = 0; r < G::R; ++r) s_red[(r * 32 + w.lane) * kRedS + i * kWarps + w.warp] = v[r];
+        for (int r = 0; r < G::R; ++r) s_red[(r * 32 + w.lane) * kMain2RedStride + i * kWarps + w.warp] = v[r];
       }
       __syncthreads();
       // Sum the warps' partial dB/dC of this segment and write them (once per channel tile).
@@ -549,7 +548,7 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
             bool valid;
             float* dst = kHoist ? (valid = red_valid[j], red_dst[j]) : red_row(j, valid);
             if (!valid) continue;
-            const float* src = s_red + (red_rho0 + j * kRowStep) * kRedS + red_i * kWarps;
+            const float* src = s_red + (red_rho0 + j * kRowStep) * kMain2RedStride + red_i * kWarps;
             float s = 0.f;
 #pragma unroll
             for (int wp = 0; wp < kWarps; ++wp) s += src[wp];
