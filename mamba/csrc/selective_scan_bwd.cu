@@ -336,6 +336,64 @@ __host__ __device__ constexpr int bwd_main2_smem_floats() {
          2 * bwd_main2_red_floats<NP>();
 }
 
+// bwd_main2_kernel's reduce-scatter of v[0..8) over the CPW channels of a warp: v[k] is dB and v[4 + k] dC of the
+// state in register k, which is state q·kNPT + (k ^ perm) with perm = 2·(cw & 1) (main2_perm). Level 0 (partner
+// channel cw ^ 1) splits state bit 1: with the pairs of odd channels swapped in the registers, every lane keeps
+// registers {0, 1, 4, 5} and sends {2, 3, 6, 7}, so the level needs no selects (reduce_scatter_channels picks
+// the halves to keep and send per lane: about 2.4 instructions per pair in the sm_90 code, 4 pairs per token at this
+// level); level 1 (cw ^ 2) splits state bit 0 and level 2 (cw ^ 4) dB / dC, with selects (2 + 1 pairs). The
+// swap costs one more shared-memory load per B or C row read (state4_perm). Afterwards the lane holds R sums:
+// out[r] is (main2_red_value) the sum over the warp's channels of dB or dC of one state.
+template <int NP>
+__device__ __forceinline__ int main2_perm(const Who<NP>& w) { return (w.cw & 1) * 2; }
+
+template <int NP>
+__device__ __forceinline__ void reduce_scatter_swz(float (&v)[8], int lane, float (&out)[Geo<NP>::R]) {
+  using G = Geo<NP>;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int r = (e & 1) + (e >> 1) * 4;  // 0, 1, 4, 5
+    v[r] += __shfl_xor_sync(kFullMask, v[r | 2], G::LPC);
+  }
+  if constexpr (G::LEVELS == 1) {
+    out[0] = v[0];
+    out[1] = v[1];
+    out[2] = v[4];
+    out[3] = v[5];
+  } else {
+    const bool up1 = (lane & (G::LPC << 1)) != 0;
+#pragma unroll
+    for (int r = 0; r < 8; r += 4) {
+      const float send = up1 ? v[r] : v[r + 1];
+      const float keep = up1 ? v[r + 1] : v[r];
+      v[r] = keep + __shfl_xor_sync(kFullMask, send, G::LPC << 1);
+    }
+    if constexpr (G::LEVELS == 2) {
+      out[0] = v[0];
+      out[1] = v[4];
+    } else {
+      const bool up2 = (lane & (G::LPC << 2)) != 0;
+      const float send = up2 ? v[0] : v[4];
+      const float keep = up2 ? v[4] : v[0];
+      out[0] = keep + __shfl_xor_sync(kFullMask, send, G::LPC << 2);
+    }
+  }
+}
+
+// What out[r] of lane ln holds after reduce_scatter_swz: dB (type 0) or dC (type 1) of state n.
+template <int NP>
+__device__ __forceinline__ void main2_red_value(int r, int ln, int& type, int& n) {
+  using G = Geo<NP>;
+  const int q = ln % G::LPC, cw = ln / G::LPC;
+  if constexpr (G::LEVELS == 1) {
+    type = r >> 1;
+    n = q * kNPT + 2 * (cw & 1) + (r & 1);
+  } else {
+    type = G::LEVELS == 2 ? r : (cw >> 2) & 1;
+    n = q * kNPT + 2 * (cw & 1) + ((cw >> 1) & 1);
+  }
+}
+
 // Sums of P[x][j] (x: the three per-token parts, j: token of the window) over the LPC lanes of a channel,
 // scattered: afterwards P[x][0] of lane q holds the sum for window token q % W (lanes q >= W hold copies).
 template <int NP>
@@ -390,10 +448,11 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
   float* s_ckpt = s_C + G::kBC;
   float* s_red0 = s_ckpt + (kSegsPerChunk - 1) * kNPT * kThreads;  // two buffers: one barrier per segment
   const Who<NP> w(p.dim, /*strided=*/true);
+  const int perm = main2_perm<NP>(w);  // register k holds state q·kNPT + (k ^ perm) (reduce_scatter_swz)
   const int b = blockIdx.z;
   const int tid = threadIdx.x;
   float A2[kNPT];
-  load_A2<NP>(p, w, A2);
+  load_A2<NP>(p, w, A2, perm);
   const float Dd = (p.D != nullptr && w.active) ? p.D[w.d] : 0.f;
   float dA_acc[kNPT] = {0.f, 0.f, 0.f, 0.f};
   float dD_acc = 0.f, dbias_acc = 0.f;  // this lane's epilogue tokens only (summed over the lanes at the end)
@@ -416,15 +475,11 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
   // Output row j of this thread (dB or dC, state n; valid: n < dstate), hoisted out of the chunk loop for up to
   // two rows (d_state 16; more, for 64 states, spill in float32).
   auto red_row = [&](int j, bool& valid) -> float* {
-    const int rho = red_rho0 + j * kRowStep, ln = rho % 32;
-    const int q = ln % G::LPC, cw = ln / G::LPC;
-    int idx = rho / 32;
-#pragma unroll
-    for (int l = 0; l < G::LEVELS; ++l)
-      if ((cw >> l) & 1) idx += (4 >> l);
-    const int n = q * kNPT + (idx & 3);
+    const int rho = red_rho0 + j * kRowStep;
+    int type, n;
+    main2_red_value<NP>(rho / 32, rho % 32, type, n);
     valid = n < p.dstate;
-    return ((idx >> 2) ? p.dC : p.dB) + ((size_t)b * p.dstate + (valid ? n : 0)) * p.seqlen;
+    return (type ? p.dC : p.dB) + ((size_t)b * p.dstate + (valid ? n : 0)) * p.seqlen;
   };
   constexpr bool kHoist = kRedPer <= 2;
   float* red_dst[kHoist ? kRedPer : 1];
@@ -435,13 +490,13 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
   }
   // Adjoint message entering the group from the right; chunks are walked last to first, carrying it.
   float m[kNPT];
-  load_state<NP>(p, w, p.group_carry, p.ngroups, b, blockIdx.y, m);
+  load_state<NP>(p, w, p.group_carry, p.ngroups, b, blockIdx.y, m, perm);
 
   for (int ch = ch_end - 1; ch >= ch_begin; --ch) {
     const int t0 = ch * kChunk;
     __syncthreads();
     float h0[kNPT];  // the chunk's incoming state (phase 1 and segment 0), loaded with the staging loads
-    load_state<NP>(p, w, p.chunk_carry, p.nchunks, b, ch, h0);
+    load_state<NP>(p, w, p.chunk_carry, p.nchunks, b, ch, h0, perm);
     stage_main_chunk<T, NP>(p, b, t0, s_delta, s_B);
     __syncthreads();
 
@@ -454,7 +509,7 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
         const int t = seg * kSeg + i;
         const float dl = s_delta[t * G::TS + w.c];
         const float du = dl * s_u[t * G::TS + w.c];
-        const float4 bv = state4<NP>(s_B, t, w.q);
+        const float4 bv = state4_perm<NP>(s_B, t, w.q, perm);
         const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
 #pragma unroll
         for (int k = 0; k < kNPT; ++k) {
@@ -471,7 +526,7 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
     for (int k = 0; k < kNPT; ++k) h[k] = h0[k];
     for (int seg = 0; seg < kLast; ++seg) {
 #pragma unroll
-      for (int i = 0; i < kSeg; ++i) walk_token<NP>(s_delta, s_u, s_B, seg * kSeg + i, w, A2, h);
+      for (int i = 0; i < kSeg; ++i) walk_token<NP>(s_delta, s_u, s_B, seg * kSeg + i, w, A2, h, perm);
 #pragma unroll
       for (int k = 0; k < kNPT; ++k) s_ckpt[(seg * kNPT + k) * kThreads + tid] = h[k];
     }
@@ -496,8 +551,8 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
         const float u = s_u[o];
         const float dy = s_dy[o];
         const float dlu = dl * u;
-        const float4 bv = state4<NP>(s_B, t, w.q);
-        const float4 cv = state4<NP>(s_C, t, w.q);
+        const float4 bv = state4_perm<NP>(s_B, t, w.q, perm);
+        const float4 cv = state4_perm<NP>(s_C, t, w.q, perm);
         const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
         const float ck[kNPT] = {cv.x, cv.y, cv.z, cv.w};
         float dl_part = 0.f, du_part = 0.f, y_part = 0.f;
@@ -533,9 +588,10 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
             s_dzf[oe] = (P[2][0] + Dd * ue) * s_dzf[oe];
           }
         }
-        reduce_scatter_channels<NP>(v, w.lane);
+        float vs[G::R];
+        reduce_scatter_swz<NP>(v, w.lane, vs);
 #pragma unroll
-        for (int r = 0; r < G::R; ++r) s_red[(r * 32 + w.lane) * kMain2RedStride + i * kWarps + w.warp] = v[r];
+        for (int r = 0; r < G::R; ++r) s_red[(r * 32 + w.lane) * kMain2RedStride + i * kWarps + w.warp] = vs[r];
       }
       __syncthreads();
       // Sum the warps' partial dB/dC of this segment and write them (once per channel tile).
@@ -574,7 +630,7 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
   if (w.active) {
 #pragma unroll
     for (int k = 0; k < kNPT; ++k) {
-      const int n = w.q * kNPT + k;
+      const int n = w.q * kNPT + (k ^ perm);
       if (n < p.dstate) p.dA_part[(((size_t)b * p.ngroups + g) * p.dstate + n) * p.dim + w.d] = dA_acc[k];
     }
     if (w.q == 0) {

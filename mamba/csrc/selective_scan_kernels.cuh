@@ -444,11 +444,13 @@ __device__ __forceinline__ float delta_in(const Params& p, float raw, int d) {
   return p.delta_softplus ? softplus_f(x) : x;
 }
 
+// Register k of a thread holds state q·kNPT + (k ^ perm): perm = 0 everywhere but in bwd_main2_kernel, whose lanes
+// of odd channel-in-warp hold their two state pairs swapped (perm = 2; see reduce_scatter_swz).
 template <int NP>
-__device__ __forceinline__ void load_A2(const Params& p, const Who<NP>& w, float (&A2)[kNPT]) {
+__device__ __forceinline__ void load_A2(const Params& p, const Who<NP>& w, float (&A2)[kNPT], int perm = 0) {
 #pragma unroll
   for (int k = 0; k < kNPT; ++k) {
-    const int n = w.q * kNPT + k;
+    const int n = w.q * kNPT + (k ^ perm);
     A2[k] = (w.active && n < p.dstate) ? p.A[(size_t)w.d * p.dstate + n] * kLog2e : 0.f;
   }
 }
@@ -458,15 +460,25 @@ template <int NP>
 __device__ __forceinline__ float4 state4(const float* tile, int t, int q) {
   return *reinterpret_cast<const float4*>(tile + t * Geo<NP>::BS + q * kNPT);
 }
+// The same in register order k ^ perm (perm = 0 or 2): two 8-byte loads, the pair at q·kNPT + perm first.
+template <int NP>
+__device__ __forceinline__ float4 state4_perm(const float* tile, int t, int q, int perm) {
+  const float* row = tile + t * Geo<NP>::BS + q * kNPT;
+  const float2 lo = *reinterpret_cast<const float2*>(row + perm);
+  const float2 hi = *reinterpret_cast<const float2*>(row + (perm ^ 2));
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
 
 // One token of the state-split forward recurrence for this thread's kNPT states: h = exp2(Δ·A2)·h + Δ·u·B_t,
-// Δ and u from [token][channel] tiles, B from a [token][state] tile. Returns Δ.
+// Δ and u from [token][channel] tiles, B from a [token][state] tile (registers in state order k ^ perm when perm
+// >= 0). Returns Δ.
 template <int NP>
 __device__ __forceinline__ float walk_token(const float* s_delta, const float* s_u, const float* s_B, int t,
-                                           const Who<NP>& w, const float (&A2)[kNPT], float (&h)[kNPT]) {
+                                           const Who<NP>& w, const float (&A2)[kNPT], float (&h)[kNPT],
+                                           int perm = -1) {
   const float dl = s_delta[t * Geo<NP>::TS + w.c];
   const float du = dl * s_u[t * Geo<NP>::TS + w.c];
-  const float4 bv = state4<NP>(s_B, t, w.q);
+  const float4 bv = perm < 0 ? state4<NP>(s_B, t, w.q) : state4_perm<NP>(s_B, t, w.q, perm);
   h[0] = fast_exp2(dl * A2[0]) * h[0] + du * bv.x;
   h[1] = fast_exp2(dl * A2[1]) * h[1] + du * bv.y;
   h[2] = fast_exp2(dl * A2[2]) * h[2] + du * bv.z;
@@ -509,13 +521,14 @@ __device__ __forceinline__ size_t group_dsum_idx(const Params& p, int b, int g, 
   return ((size_t)b * p.ngroups + g) * p.dim + d;
 }
 
-// This thread's kNPT states of row r of a state array with `rows` rows (p.nchunks or p.ngroups).
+// This thread's kNPT states of row r of a state array with `rows` rows (p.nchunks or p.ngroups), in register order
+// k ^ perm (see load_A2).
 template <int NP>
 __device__ __forceinline__ void load_state(const Params& p, const Who<NP>& w, const float* arr, int rows, int b,
-                                           int r, float (&h)[kNPT]) {
+                                           int r, float (&h)[kNPT], int perm = 0) {
 #pragma unroll
   for (int k = 0; k < kNPT; ++k) {
-    const int n = w.q * kNPT + k;
+    const int n = w.q * kNPT + (k ^ perm);
     h[k] = (w.active && n < p.dstate) ? arr[state_idx(p, rows, b, r, n, w.d)] : 0.f;
   }
 }
