@@ -448,7 +448,12 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
   float* s_ckpt = s_C + G::kBC;
   float* s_red0 = s_ckpt + (kSegsPerChunk - 1) * kNPT * kThreads;  // two buffers: one barrier per segment
   const Who<NP> w(p.dim, /*strided=*/true);
-  const int perm = main2_perm<NP>(w);  // register k holds state q·kNPT + (k ^ perm) (reduce_scatter_swz)
+  // Register k holds state q·kNPT + (k ^ perm) (reduce_scatter_swz), for d_state 16 and 32. For 64, whose 16 lanes
+  // per channel would make the 8-byte B/C loads of state4_perm 2-way bank conflicts (8 wavefronts per row read
+  // against 4 for one LDS.128; measured 9.77 -> 10.38 ms in float32 and 7.29 -> 8.25 ms in float16, H200), the
+  // registers keep the state order and the reduce-scatter its selects.
+  constexpr bool kSwz = NP < 64;
+  const int perm = kSwz ? main2_perm<NP>(w) : 0;
   const int b = blockIdx.z;
   const int tid = threadIdx.x;
   float A2[kNPT];
@@ -477,14 +482,24 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
   auto red_row = [&](int j, bool& valid) -> float* {
     const int rho = red_rho0 + j * kRowStep;
     int type, n;
-    main2_red_value<NP>(rho / 32, rho % 32, type, n);
+    if constexpr (kSwz) {
+      main2_red_value<NP>(rho / 32, rho % 32, type, n);
+    } else {  // reduce_scatter_channels: value r of lane ln is index r + Σ_l bit_l(cw)·(4 >> l) of v
+      const int ln = rho % 32, q = ln % G::LPC, cw = ln / G::LPC;
+      int idx = rho / 32;
+#pragma unroll
+      for (int l = 0; l < G::LEVELS; ++l)
+        if ((cw >> l) & 1) idx += (4 >> l);
+      type = idx >> 2;
+      n = q * kNPT + (idx & 3);
+    }
     valid = n < p.dstate;
     return (type ? p.dC : p.dB) + ((size_t)b * p.dstate + (valid ? n : 0)) * p.seqlen;
   };
   constexpr bool kHoist = kRedPer <= 2;
   float* red_dst[kHoist ? kRedPer : 1];
   bool red_valid[kHoist ? kRedPer : 1];
-  if (kHoist) {
+  if constexpr (kHoist) {
 #pragma unroll
     for (int j = 0; j < kRedPer; ++j) red_dst[j] = red_row(j, red_valid[j]);
   }
@@ -509,7 +524,7 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
         const int t = seg * kSeg + i;
         const float dl = s_delta[t * G::TS + w.c];
         const float du = dl * s_u[t * G::TS + w.c];
-        const float4 bv = state4_perm<NP>(s_B, t, w.q, perm);
+        const float4 bv = kSwz ? state4_perm<NP>(s_B, t, w.q, perm) : state4<NP>(s_B, t, w.q);
         const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
 #pragma unroll
         for (int k = 0; k < kNPT; ++k) {
@@ -526,7 +541,7 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
     for (int k = 0; k < kNPT; ++k) h[k] = h0[k];
     for (int seg = 0; seg < kLast; ++seg) {
 #pragma unroll
-      for (int i = 0; i < kSeg; ++i) walk_token<NP>(s_delta, s_u, s_B, seg * kSeg + i, w, A2, h, perm);
+      for (int i = 0; i < kSeg; ++i) walk_token<NP>(s_delta, s_u, s_B, seg * kSeg + i, w, A2, h, kSwz ? perm : -1);
 #pragma unroll
       for (int k = 0; k < kNPT; ++k) s_ckpt[(seg * kNPT + k) * kThreads + tid] = h[k];
     }
@@ -551,8 +566,8 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
         const float u = s_u[o];
         const float dy = s_dy[o];
         const float dlu = dl * u;
-        const float4 bv = state4_perm<NP>(s_B, t, w.q, perm);
-        const float4 cv = state4_perm<NP>(s_C, t, w.q, perm);
+        const float4 bv = kSwz ? state4_perm<NP>(s_B, t, w.q, perm) : state4<NP>(s_B, t, w.q);
+        const float4 cv = kSwz ? state4_perm<NP>(s_C, t, w.q, perm) : state4<NP>(s_C, t, w.q);
         const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
         const float ck[kNPT] = {cv.x, cv.y, cv.z, cv.w};
         float dl_part = 0.f, du_part = 0.f, y_part = 0.f;
@@ -589,7 +604,13 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
           }
         }
         float vs[G::R];
-        reduce_scatter_swz<NP>(v, w.lane, vs);
+        if constexpr (kSwz) {
+          reduce_scatter_swz<NP>(v, w.lane, vs);
+        } else {
+          reduce_scatter_channels<NP>(v, w.lane);
+#pragma unroll
+          for (int r = 0; r < G::R; ++r) vs[r] = v[r];
+        }
 #pragma unroll
         for (int r = 0; r < G::R; ++r) s_red[(r * 32 + w.lane) * kMain2RedStride + i * kWarps + w.warp] = vs[r];
       }
@@ -602,7 +623,13 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
 #pragma unroll
           for (int j = 0; j < kRedPer; ++j) {
             bool valid;
-            float* dst = kHoist ? (valid = red_valid[j], red_dst[j]) : red_row(j, valid);
+            float* dst;
+            if constexpr (kHoist) {
+              valid = red_valid[j];
+              dst = red_dst[j];
+            } else {
+              dst = red_row(j, valid);
+            }
             if (!valid) continue;
             const float* src = s_red + (red_rho0 + j * kRowStep) * kMain2RedStride + red_i * kWarps;
             float s = 0.f;
@@ -658,36 +685,31 @@ __host__ __device__ __forceinline__ int reduce_cols(const Params& p) {
   return p.dstate * p.dim + (p.dD != nullptr ? p.dim : 0) + (p.dbias != nullptr ? p.dim : 0);
 }
 
-// Column j's partial sums (first row) and the output element it is summed into.
-__device__ __forceinline__ const float* reduce_src(const Params& p, int j, size_t& stride) {
+// Which gradient column j belongs to (0 dA, 1 dD, 2 dbias) and its index i there: the dA_part column j (n = i / dim,
+// d = i % dim), or channel i of dD_part / dbias_part.
+struct ReduceCol {
+  int kind, i;
+};
+__device__ __forceinline__ ReduceCol reduce_col(const Params& p, int j) {
   const int nd = p.dstate * p.dim;
-  stride = (size_t)p.dim;
-  if (j < nd) {
-    stride = (size_t)nd;
-    return p.dA_part + j;
-  }
+  if (j < nd) return {0, j};
   j -= nd;
   if (p.dD != nullptr) {
-    if (j < p.dim) return p.dD_part + j;
+    if (j < p.dim) return {1, j};
     j -= p.dim;
   }
-  return p.dbias_part + j;
+  return {2, j};
 }
-__device__ __forceinline__ void store_reduced(const Params& p, int j, float t) {
-  const int nd = p.dstate * p.dim;
-  if (j < nd) {
-    p.dA[(size_t)(j % p.dim) * p.dstate + j / p.dim] = t;  // dA is (dim, dstate), like A
-    return;
-  }
-  j -= nd;
-  if (p.dD != nullptr) {
-    if (j < p.dim) {
-      p.dD[j] = t;
-      return;
-    }
-    j -= p.dim;
-  }
-  p.dbias[j] = t;
+
+// Column c's partial sums (first row; rows `stride` apart).
+__device__ __forceinline__ const float* reduce_src(const Params& p, ReduceCol c, size_t& stride) {
+  stride = c.kind == 0 ? (size_t)p.dstate * p.dim : (size_t)p.dim;
+  return c.kind == 0 ? p.dA_part + c.i : (c.kind == 1 ? p.dD_part : p.dbias_part) + c.i;
+}
+// The output element column c is summed into.
+__device__ __forceinline__ void store_reduced(const Params& p, ReduceCol c, float t) {
+  if (c.kind == 0) p.dA[(size_t)(c.i % p.dim) * p.dstate + c.i / p.dim] = t;  // dA is (dim, dstate), like A
+  else (c.kind == 1 ? p.dD : p.dbias)[c.i] = t;
 }
 
 // nblocks = 0: pass 1 (grid.y row blocks); nblocks > 0: pass 2 over that many row blocks' sums in the scratch.
@@ -695,6 +717,7 @@ __global__ void __launch_bounds__(32 * kRedSplit) reduce_parts_kernel(Params p, 
   __shared__ float part[kRedSplit][33];
   const int cols = reduce_cols(p);
   const int j = blockIdx.x * 32 + threadIdx.x;
+  const ReduceCol col = reduce_col(p, j);  // (meaningful for j < cols)
   const float* src = nullptr;
   size_t stride = 0;
   int r0 = 0, r1 = 0;
@@ -702,7 +725,7 @@ __global__ void __launch_bounds__(32 * kRedSplit) reduce_parts_kernel(Params p, 
     if (nblocks > 0) {
       src = p.group_local + j, stride = (size_t)cols, r1 = nblocks;
     } else {
-      src = reduce_src(p, j, stride);
+      src = reduce_src(p, col, stride);
       r0 = blockIdx.y * kRedRows;
       r1 = min(p.batch * p.ngroups, r0 + kRedRows);
     }
@@ -725,7 +748,7 @@ __global__ void __launch_bounds__(32 * kRedSplit) reduce_parts_kernel(Params p, 
 #pragma unroll
   for (int y = 0; y < kRedSplit; ++y) t += part[y][threadIdx.x];
   if (nblocks == 0 && gridDim.y > 1) p.group_local[(size_t)blockIdx.y * cols + j] = t;
-  else store_reduced(p, j, t);
+  else store_reduced(p, col, t);
 }
 
 inline cudaError_t launch_reduce_parts(const Params& p, cudaStream_t stream) {
