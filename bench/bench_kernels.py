@@ -96,8 +96,10 @@ def bench_conv(dtype, reverse=False):
         causal_conv1d_fn(x, w, b, "silu", reverse=reverse).backward(dout)
 
     t_f, t_fb = cuda_timed(fwd)[0], cuda_timed(fwd_bwd)[0]
+    t_fs, t_fbs = cuda_timed(fwd, 2, 5, 20)[0], cuda_timed(fwd_bwd, 2, 5, 20)[0]  # back to back, as for the scan
     el = x.element_size()
     return {"dtype": str(dtype).replace("torch.", ""), "reverse": reverse, "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
+            "fwd_stream_ms": t_fs, "fwd_bwd_stream_ms": t_fbs,
             "fwd_TBps": 2 * x.numel() * el / (t_f * 1e-3) / 1e12,
             "fwd_bwd_TBps": 5 * x.numel() * el / (t_fb * 1e-3) / 1e12}
 
@@ -163,7 +165,7 @@ def main():
     print("causal conv1d (2, 96, 262144) W=4 silu")
     for r in res["conv"]:
         print(f"{'kernel-reverse' if r['reverse'] else 'kernel':<18}{r['dtype']:<10}{r['fwd_ms']:>9.3f}{r['fwd_bwd_ms']:>12.3f}"
-              f"{r['fwd_TBps']:>10.2f}{r['fwd_bwd_TBps']:>10.2f}")
+              f"{r['fwd_TBps']:>10.2f}{r['fwd_bwd_TBps']:>10.2f}{r['fwd_stream_ms']:>12.3f}{r['fwd_bwd_stream_ms']:>12.3f}")
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kThreads, kPrefetch ? 1 : kBwdLocalMinBlocks) 
 // Stages one chunk for the backward main kernels: five [token][channel] tiles from s_delta on (Δ, u, dy,
 // dout·dsilu(z), σ(δ + bias)), then the B and C [token][state] tiles from s_B on; all loads are issued before
 // any is used.
-template <typename T, int NP>
+template <typename T, int NP, bool kSplitBC = false>
 __device__ __forceinline__ void stage_main_chunk(const Params& p, int b, int t0, float* s_delta, float* s_B) {
   using G = Geo<NP>;
   BwdRegs<T, NP> r;
@@ -142,8 +142,8 @@ __device__ __forceinline__ void stage_main_chunk(const Params& p, int b, int t0,
   r_C.load(p, p.Cm, b, t0);
   r.commit(p, t0, s_delta, s_delta + G::kTile, s_delta + 2 * G::kTile, s_delta + 3 * G::kTile,
            s_delta + 4 * G::kTile);
-  r_B.store(p, s_B);
-  r_C.store(p, s_B + G::kBC);
+  r_B.template store<kSplitBC>(p, s_B);
+  r_C.template store<kSplitBC>(p, s_B + G::kBC);
 }
 
 template <int NP>
@@ -448,12 +448,12 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
   float* s_ckpt = s_C + G::kBC;
   float* s_red0 = s_ckpt + (kSegsPerChunk - 1) * kNPT * kThreads;  // two buffers: one barrier per segment
   const Who<NP> w(p.dim, /*strided=*/true);
-  // Register k holds state q·kNPT + (k ^ perm) (reduce_scatter_swz), for d_state 16 and 32. For 64, whose 16 lanes
-  // per channel would make the 8-byte B/C loads of state4_perm 2-way bank conflicts (8 wavefronts per row read
-  // against 4 for one LDS.128; measured 9.77 -> 10.38 ms in float32 and 7.29 -> 8.25 ms in float16, H200), the
-  // registers keep the state order and the reduce-scatter its selects.
-  constexpr bool kSwz = NP < 64;
-  const int perm = kSwz ? main2_perm<NP>(w) : 0;
+  // Register k holds state q·kNPT + (k ^ perm) (reduce_scatter_swz). At 64 states the B/C tiles take the layout of
+  // bc_col (kSplitBC), without which the 8-byte loads of state4_perm are 2-way bank conflicts: 9.77 -> 10.38 ms in
+  // float32 and 7.29 -> 8.25 ms in float16 against the previous kernel on an H200; with it 9.82 -> 9.62 and 7.30 ->
+  // 7.21 ms against the previous kernel's register order there.
+  constexpr bool kSplitBC = NP == 64;
+  const int perm = main2_perm<NP>(w);
   const int b = blockIdx.z;
   const int tid = threadIdx.x;
   float A2[kNPT];
@@ -482,17 +482,7 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
   auto red_row = [&](int j, bool& valid) -> float* {
     const int rho = red_rho0 + j * kRowStep;
     int type, n;
-    if constexpr (kSwz) {
-      main2_red_value<NP>(rho / 32, rho % 32, type, n);
-    } else {  // reduce_scatter_channels: value r of lane ln is index r + Σ_l bit_l(cw)·(4 >> l) of v
-      const int ln = rho % 32, q = ln % G::LPC, cw = ln / G::LPC;
-      int idx = rho / 32;
-#pragma unroll
-      for (int l = 0; l < G::LEVELS; ++l)
-        if ((cw >> l) & 1) idx += (4 >> l);
-      type = idx >> 2;
-      n = q * kNPT + (idx & 3);
-    }
+    main2_red_value<NP>(rho / 32, rho % 32, type, n);
     valid = n < p.dstate;
     return (type ? p.dC : p.dB) + ((size_t)b * p.dstate + (valid ? n : 0)) * p.seqlen;
   };
@@ -512,7 +502,7 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
     __syncthreads();
     float h0[kNPT];  // the chunk's incoming state (phase 1 and segment 0), loaded with the staging loads
     load_state<NP>(p, w, p.chunk_carry, p.nchunks, b, ch, h0, perm);
-    stage_main_chunk<T, NP>(p, b, t0, s_delta, s_B);
+    stage_main_chunk<T, NP, kSplitBC>(p, b, t0, s_delta, s_B);
     __syncthreads();
 
     // Decays a and states before each token (hp) of one segment from the state before it (h, which ends as
@@ -524,7 +514,7 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
         const int t = seg * kSeg + i;
         const float dl = s_delta[t * G::TS + w.c];
         const float du = dl * s_u[t * G::TS + w.c];
-        const float4 bv = kSwz ? state4_perm<NP>(s_B, t, w.q, perm) : state4<NP>(s_B, t, w.q);
+        const float4 bv = state4_perm<NP, kSplitBC>(s_B, t, w.q, perm);
         const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
 #pragma unroll
         for (int k = 0; k < kNPT; ++k) {
@@ -541,7 +531,7 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
     for (int k = 0; k < kNPT; ++k) h[k] = h0[k];
     for (int seg = 0; seg < kLast; ++seg) {
 #pragma unroll
-      for (int i = 0; i < kSeg; ++i) walk_token<NP>(s_delta, s_u, s_B, seg * kSeg + i, w, A2, h, kSwz ? perm : -1);
+      for (int i = 0; i < kSeg; ++i) walk_token<NP, kSplitBC>(s_delta, s_u, s_B, seg * kSeg + i, w, A2, h, perm);
 #pragma unroll
       for (int k = 0; k < kNPT; ++k) s_ckpt[(seg * kNPT + k) * kThreads + tid] = h[k];
     }
@@ -566,8 +556,8 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
         const float u = s_u[o];
         const float dy = s_dy[o];
         const float dlu = dl * u;
-        const float4 bv = kSwz ? state4_perm<NP>(s_B, t, w.q, perm) : state4<NP>(s_B, t, w.q);
-        const float4 cv = kSwz ? state4_perm<NP>(s_C, t, w.q, perm) : state4<NP>(s_C, t, w.q);
+        const float4 bv = state4_perm<NP, kSplitBC>(s_B, t, w.q, perm);
+        const float4 cv = state4_perm<NP, kSplitBC>(s_C, t, w.q, perm);
         const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
         const float ck[kNPT] = {cv.x, cv.y, cv.z, cv.w};
         float dl_part = 0.f, du_part = 0.f, y_part = 0.f;
@@ -604,13 +594,7 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
           }
         }
         float vs[G::R];
-        if constexpr (kSwz) {
-          reduce_scatter_swz<NP>(v, w.lane, vs);
-        } else {
-          reduce_scatter_channels<NP>(v, w.lane);
-#pragma unroll
-          for (int r = 0; r < G::R; ++r) vs[r] = v[r];
-        }
+        reduce_scatter_swz<NP>(v, w.lane, vs);
 #pragma unroll
         for (int r = 0; r < G::R; ++r) s_red[(r * 32 + w.lane) * kMain2RedStride + i * kWarps + w.warp] = vs[r];
       }

@@ -387,6 +387,13 @@ __device__ __forceinline__ void store_tile(const Params& p, void* dst, const flo
 // 1.548 -> 1.550 ms, float16 1.488 -> 1.455 ms; N = 32 3.15 -> 3.07 / 3.03 -> 2.91 ms; N = 64 9.80 -> 9.77 /
 // 7.58 -> 7.29 ms; Nsight Compute (N = 16, float32): shared-store bank conflicts 19.5 M -> 0.5 M. The same change in
 // the lane walks' B/C staging (LaneBC) measured no different and was not kept.
+// Column of state n in a [token][state] tile: n, or with kSplit n + 2 for n >= 32 (states 32-63 moved by two
+// columns, within the row's padding), the layout bwd_main2_kernel uses at 64 states: there the 16 lanes of a
+// channel read 8 bytes each at q·kNPT (+ 2), and without the shift lanes q and q + 8 of a half-warp hit the same
+// banks (2-way conflicts: 8 wavefronts per B or C row read instead of 4).
+template <bool kSplit>
+__device__ __forceinline__ int bc_col(int n) { return (kSplit && n >= 32) ? n + 2 : n; }
+
 template <typename T, int NP>
 struct BCRegs {
   static constexpr int kNStep = kThreads / kChunk;
@@ -421,12 +428,14 @@ struct BCRegs {
       }
     }
   }
+  // kSplit: the tile layout of bc_col (bwd_main2_kernel at 64 states).
+  template <bool kSplit = false>
   __device__ __forceinline__ void store(const Params& p, float* tile) const {
     if (p.vec_io) {
 #pragma unroll
       for (int k = 0; k < kVecs; ++k) {
         const int vi = threadIdx.x + k * kThreads;
-        const int n = vec_n(vi), t = vec_v(vi) * kV;
+        const int n = bc_col<kSplit>(vec_n(vi)), t = vec_v(vi) * kV;
 #pragma unroll
         for (int i = 0; i < kV; ++i)
           tile[(t + i) * Geo<NP>::BS + n] = p.reverse ? r[k].at(kV - 1 - i) : r[k].at(i);
@@ -434,7 +443,7 @@ struct BCRegs {
     } else {
       const int t = threadIdx.x % kChunk, n0 = threadIdx.x / kChunk;
 #pragma unroll
-      for (int j = 0; j < kPer; ++j) tile[t * Geo<NP>::BS + n0 + j * kNStep] = r[j / kV].at(j % kV);
+      for (int j = 0; j < kPer; ++j) tile[t * Geo<NP>::BS + bc_col<kSplit>(n0 + j * kNStep)] = r[j / kV].at(j % kV);
     }
   }
 };
@@ -460,10 +469,11 @@ template <int NP>
 __device__ __forceinline__ float4 state4(const float* tile, int t, int q) {
   return *reinterpret_cast<const float4*>(tile + t * Geo<NP>::BS + q * kNPT);
 }
-// The same in register order k ^ perm (perm = 0 or 2): two 8-byte loads, the pair at q·kNPT + perm first.
-template <int NP>
+// The same in register order k ^ perm (perm = 0 or 2): two 8-byte loads, the pair at q·kNPT + perm first (kSplit:
+// from a tile in the layout of bc_col).
+template <int NP, bool kSplit = false>
 __device__ __forceinline__ float4 state4_perm(const float* tile, int t, int q, int perm) {
-  const float* row = tile + t * Geo<NP>::BS + q * kNPT;
+  const float* row = tile + t * Geo<NP>::BS + bc_col<kSplit>(q * kNPT);
   const float2 lo = *reinterpret_cast<const float2*>(row + perm);
   const float2 hi = *reinterpret_cast<const float2*>(row + (perm ^ 2));
   return make_float4(lo.x, lo.y, hi.x, hi.y);
@@ -472,13 +482,13 @@ __device__ __forceinline__ float4 state4_perm(const float* tile, int t, int q, i
 // One token of the state-split forward recurrence for this thread's kNPT states: h = exp2(Δ·A2)·h + Δ·u·B_t,
 // Δ and u from [token][channel] tiles, B from a [token][state] tile (registers in state order k ^ perm when perm
 // >= 0). Returns Δ.
-template <int NP>
+template <int NP, bool kSplit = false>
 __device__ __forceinline__ float walk_token(const float* s_delta, const float* s_u, const float* s_B, int t,
                                            const Who<NP>& w, const float (&A2)[kNPT], float (&h)[kNPT],
                                            int perm = -1) {
   const float dl = s_delta[t * Geo<NP>::TS + w.c];
   const float du = dl * s_u[t * Geo<NP>::TS + w.c];
-  const float4 bv = perm < 0 ? state4<NP>(s_B, t, w.q) : state4_perm<NP>(s_B, t, w.q, perm);
+  const float4 bv = perm < 0 ? state4<NP>(s_B, t, w.q) : state4_perm<NP, kSplit>(s_B, t, w.q, perm);
   h[0] = fast_exp2(dl * A2[0]) * h[0] + du * bv.x;
   h[1] = fast_exp2(dl * A2[1]) * h[1] + du * bv.y;
   h[2] = fast_exp2(dl * A2[2]) * h[2] + du * bv.z;
