@@ -669,31 +669,36 @@ __host__ __device__ __forceinline__ int reduce_cols(const Params& p) {
   return p.dstate * p.dim + (p.dD != nullptr ? p.dim : 0) + (p.dbias != nullptr ? p.dim : 0);
 }
 
-// Which gradient column j belongs to (0 dA, 1 dD, 2 dbias) and its index i there: the dA_part column j (n = i / dim,
-// d = i % dim), or channel i of dD_part / dbias_part.
-struct ReduceCol {
-  int kind, i;
-};
-__device__ __forceinline__ ReduceCol reduce_col(const Params& p, int j) {
+// Column j's partial sums (first row) and the output element it is summed into.
+__device__ __forceinline__ const float* reduce_src(const Params& p, int j, size_t& stride) {
   const int nd = p.dstate * p.dim;
-  if (j < nd) return {0, j};
+  stride = (size_t)p.dim;
+  if (j < nd) {
+    stride = (size_t)nd;
+    return p.dA_part + j;
+  }
   j -= nd;
   if (p.dD != nullptr) {
-    if (j < p.dim) return {1, j};
+    if (j < p.dim) return p.dD_part + j;
     j -= p.dim;
   }
-  return {2, j};
+  return p.dbias_part + j;
 }
-
-// Column c's partial sums (first row; rows `stride` apart).
-__device__ __forceinline__ const float* reduce_src(const Params& p, ReduceCol c, size_t& stride) {
-  stride = c.kind == 0 ? (size_t)p.dstate * p.dim : (size_t)p.dim;
-  return c.kind == 0 ? p.dA_part + c.i : (c.kind == 1 ? p.dD_part : p.dbias_part) + c.i;
-}
-// The output element column c is summed into.
-__device__ __forceinline__ void store_reduced(const Params& p, ReduceCol c, float t) {
-  if (c.kind == 0) p.dA[(size_t)(c.i % p.dim) * p.dstate + c.i / p.dim] = t;  // dA is (dim, dstate), like A
-  else (c.kind == 1 ? p.dD : p.dbias)[c.i] = t;
+__device__ __forceinline__ void store_reduced(const Params& p, int j, float t) {
+  const int nd = p.dstate * p.dim;
+  if (j < nd) {
+    p.dA[(size_t)(j % p.dim) * p.dstate + j / p.dim] = t;  // dA is (dim, dstate), like A
+    return;
+  }
+  j -= nd;
+  if (p.dD != nullptr) {
+    if (j < p.dim) {
+      p.dD[j] = t;
+      return;
+    }
+    j -= p.dim;
+  }
+  p.dbias[j] = t;
 }
 
 // nblocks = 0: pass 1 (grid.y row blocks); nblocks > 0: pass 2 over that many row blocks' sums in the scratch.
@@ -701,7 +706,6 @@ __global__ void __launch_bounds__(32 * kRedSplit) reduce_parts_kernel(Params p, 
   __shared__ float part[kRedSplit][33];
   const int cols = reduce_cols(p);
   const int j = blockIdx.x * 32 + threadIdx.x;
-  const ReduceCol col = reduce_col(p, j);  // (meaningful for j < cols)
   const float* src = nullptr;
   size_t stride = 0;
   int r0 = 0, r1 = 0;
@@ -709,7 +713,7 @@ __global__ void __launch_bounds__(32 * kRedSplit) reduce_parts_kernel(Params p, 
     if (nblocks > 0) {
       src = p.group_local + j, stride = (size_t)cols, r1 = nblocks;
     } else {
-      src = reduce_src(p, col, stride);
+      src = reduce_src(p, j, stride);
       r0 = blockIdx.y * kRedRows;
       r1 = min(p.batch * p.ngroups, r0 + kRedRows);
     }
@@ -732,7 +736,7 @@ __global__ void __launch_bounds__(32 * kRedSplit) reduce_parts_kernel(Params p, 
 #pragma unroll
   for (int y = 0; y < kRedSplit; ++y) t += part[y][threadIdx.x];
   if (nblocks == 0 && gridDim.y > 1) p.group_local[(size_t)blockIdx.y * cols + j] = t;
-  else store_reduced(p, col, t);
+  else store_reduced(p, j, t);
 }
 
 inline cudaError_t launch_reduce_parts(const Params& p, cudaStream_t stream) {
