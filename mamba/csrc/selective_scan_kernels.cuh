@@ -377,6 +377,13 @@ __device__ __forceinline__ void store_tile(const Params& p, void* dst, const flo
   }
 }
 
+// Column of state n in a [token][state] tile: n, or with kSplit n + 2 for n >= 32 (states 32-63 moved by two
+// columns, within the row's padding), the layout bwd_main2_kernel uses at 64 states: there the 16 lanes of a
+// channel read 8 bytes each at q·kNPT (+ 2), and without the shift lanes q and q + 8 of a half-warp hit the same
+// banks (2-way conflicts: 8 wavefronts per B or C row read instead of 4).
+template <bool kSplit>
+__device__ __forceinline__ int bc_col(int n) { return (kSplit && n >= 32) ? n + 2 : n; }
+
 // Raw values of a (batch, 1, dstate, seqlen) tensor for one chunk, held in registers (in input precision, in
 // load order: see RowRegs); stored into a [token][state] tile with row stride BS = NP + 4 (keeps float4
 // alignment, limits store bank conflicts). Vector path: vector vi is state row vi % NP, vector vi / NP of the row,
@@ -387,13 +394,6 @@ __device__ __forceinline__ void store_tile(const Params& p, void* dst, const flo
 // 1.548 -> 1.550 ms, float16 1.488 -> 1.455 ms; N = 32 3.15 -> 3.07 / 3.03 -> 2.91 ms; N = 64 9.80 -> 9.77 /
 // 7.58 -> 7.29 ms; Nsight Compute (N = 16, float32): shared-store bank conflicts 19.5 M -> 0.5 M. The same change in
 // the lane walks' B/C staging (LaneBC) measured no different and was not kept.
-// Column of state n in a [token][state] tile: n, or with kSplit n + 2 for n >= 32 (states 32-63 moved by two
-// columns, within the row's padding), the layout bwd_main2_kernel uses at 64 states: there the 16 lanes of a
-// channel read 8 bytes each at q·kNPT (+ 2), and without the shift lanes q and q + 8 of a half-warp hit the same
-// banks (2-way conflicts: 8 wavefronts per B or C row read instead of 4).
-template <bool kSplit>
-__device__ __forceinline__ int bc_col(int n) { return (kSplit && n >= 32) ? n + 2 : n; }
-
 template <typename T, int NP>
 struct BCRegs {
   static constexpr int kNStep = kThreads / kChunk;
