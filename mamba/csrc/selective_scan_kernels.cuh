@@ -431,6 +431,7 @@ struct BCRegs {
   // kSplit: the tile layout of bc_col (bwd_main2_kernel at 64 states).
   template <bool kSplit = false>
   __device__ __forceinline__ void store(const Params& p, float* tile) const {
+    static_assert(!kSplit || NP == 64, "the bc_col layout is for 64 states");
     if (p.vec_io) {
 #pragma unroll
       for (int k = 0; k < kVecs; ++k) {
@@ -473,6 +474,7 @@ __device__ __forceinline__ float4 state4(const float* tile, int t, int q) {
 // from a tile in the layout of bc_col).
 template <int NP, bool kSplit = false>
 __device__ __forceinline__ float4 state4_perm(const float* tile, int t, int q, int perm) {
+  static_assert(!kSplit || NP == 64, "the bc_col layout is for 64 states");
   const float* row = tile + t * Geo<NP>::BS + bc_col<kSplit>(q * kNPT);
   const float2 lo = *reinterpret_cast<const float2*>(row + perm);
   const float2 hi = *reinterpret_cast<const float2*>(row + (perm ^ 2));
