@@ -5,7 +5,7 @@
 # rebuilds the scan extension with those flags (NVCC_APPEND_FLAGS, a fresh build directory) and writes the
 # per-kernel CUDA times of bench/profile_scan.py --kernels to $OUT/profile_<entry>.txt, printing the lane-walk
 # and backward-kernel rows; the entry "default" profiles the build as it is (no flags, not rebuilt). TESTS=1 also
-# runs tests/test_cuda_kernels.py on each build; DSTATES="64" also profiles each build at those d_state values.
+# runs tests/test_cuda_kernels.py on each build (TESTS=changed: on each build but the default); DSTATES="64" also profiles each build at those d_state values.
 #   OUT=$OUT DEFINES="..." bash bench/gpu_define_sweep.sh
 source bench/gpu_session_env.sh
 build_extensions
@@ -19,7 +19,7 @@ for d in ${DEFINES:-}; do
     echo "built with$flags after $(( $(date +%s) - start )) s"
   fi
   echo "$d:"
-  if [ "${TESTS:-0}" != 0 ]; then
+  if [ "${TESTS:-0}" != 0 ] && { [ "$d" != default ] || [ "${TESTS}" != changed ]; }; then
     timeout ${TEST_TIMEOUT:-240} python -m pytest -q -p no:cacheprovider --tb=short -x tests/test_cuda_kernels.py \
       > "$OUT/tests_${d//[=,]/_}.txt" 2>&1
     echo "  tests: $(grep -E 'passed|failed' "$OUT/tests_${d//[=,]/_}.txt" | tail -1)"
