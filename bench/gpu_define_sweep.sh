@@ -5,7 +5,8 @@
 # rebuilds the scan extension with those flags (NVCC_APPEND_FLAGS, a fresh build directory) and writes the
 # per-kernel CUDA times of bench/profile_scan.py --kernels to $OUT/profile_<entry>.txt, printing the lane-walk
 # and backward-kernel rows; the entry "default" profiles the build as it is (no flags, not rebuilt). TESTS=1 also
-# runs tests/test_cuda_kernels.py on each build (TESTS=changed: on each build but the default); DSTATES="64" also profiles each build at those d_state values.
+# runs tests/test_cuda_kernels.py on each build (TESTS=changed: on each build but the default); DSTATES="64"
+# also profiles each build at those d_state values.
 #   OUT=$OUT DEFINES="..." bash bench/gpu_define_sweep.sh
 source bench/gpu_session_env.sh
 build_extensions
