@@ -32,4 +32,9 @@ for d in ${DEFINES:-}; do
     print_scan_profile "$OUT/profile_${d//[=,]/_}_n$n.txt"
   done
 done
+# A later call on this (still warm) machine must not take the last variant build for the tree's: build_extensions
+# keeps an existing build.
+if [ -n "$(echo " ${DEFINES:-} " | sed 's/ default / /g' | tr -d ' ')" ]; then
+  rm -rf mamba/build mamba/mamba_ssm/_selective_scan_cuda*.so
+fi
 echo "end after $(( $(date +%s) - start )) s"
