@@ -10,11 +10,14 @@
 #   OUT=$OUT DEFINES="..." bash bench/gpu_define_sweep.sh
 source bench/gpu_session_env.sh
 build_extensions
+clean_scan_build() { rm -rf mamba/build mamba/mamba_ssm/_selective_scan_cuda*.so; }
+variant_built=0
 for d in ${DEFINES:-}; do
   if [ "$d" != default ]; then
     flags=""
     for f in ${d//,/ }; do flags="$flags -D$f"; done
-    rm -rf mamba/build mamba/mamba_ssm/_selective_scan_cuda*.so
+    clean_scan_build
+    variant_built=1
     NVCC_APPEND_FLAGS="$flags" python -m pip install -q --no-build-isolation --no-deps -e ./mamba \
       > "$OUT/build_${d//[=,]/_}.log" 2>&1 || { echo "build with$flags failed"; tail -5 "$OUT/build_${d//[=,]/_}.log"; continue; }
     echo "built with$flags after $(( $(date +%s) - start )) s"
@@ -34,7 +37,5 @@ for d in ${DEFINES:-}; do
 done
 # A later call on this (still warm) machine must not take the last variant build for the tree's: build_extensions
 # keeps an existing build.
-if [ -n "$(echo " ${DEFINES:-} " | sed 's/ default / /g' | tr -d ' ')" ]; then
-  rm -rf mamba/build mamba/mamba_ssm/_selective_scan_cuda*.so
-fi
+if [ "$variant_built" = 1 ]; then clean_scan_build; fi
 echo "end after $(( $(date +%s) - start )) s"
