@@ -77,3 +77,58 @@ def test_torch_binding_compiles_syntax_only(source, tmp_path):
     res = subprocess.run(cmd + [source], capture_output=True, text=True, timeout=600)
     errors = [ln for ln in res.stderr.splitlines() if "error" in ln]
     assert res.returncode == 0 and not errors, f"{' '.join(cmd)} {source}\n{res.stderr[-4000:]}"
+
+
+# CUDA 12.x check (optional; the CI machine has CUDA 13 only). SEGMAMBA_CUDA12_ROOTS lists, separated by ':', folders
+# into which the CUDA 12 wheels nvidia-cuda-nvcc-cu12 and nvidia-cuda-runtime-cu12 of one release were unzipped
+# (README, CUDA kernels section). Those wheels carry CUDA 12's public headers and its ptxas, not its nvcc, so two
+# checks stand in for a CUDA 12 build: (1) every .cu compiles for sm_80 and sm_90 with CUDA 12's cuda_runtime.h,
+# cuda_fp16.h and cuda_bf16.h found first (an intrinsic or type that only CUDA 13 declares fails here); (2) the PTX
+# that this nvcc emits for sm_80 and sm_90, labelled with the newest PTX ISA that release supports, is accepted by
+# its ptxas (an instruction that needs a newer PTX ISA or ptxas fails here).
+CUDA12_ROOTS = [r for r in os.environ.get("SEGMAMBA_CUDA12_ROOTS", "").split(":") if r]
+# Newest PTX ISA of each CUDA 12 minor release (CUDA's PTX ISA release notes).
+_PTX_ISA = {0: "8.0", 1: "8.1", 2: "8.2", 3: "8.3", 4: "8.4", 5: "8.5", 6: "8.5", 8: "8.7", 9: "8.8"}
+
+
+def _cuda12_tools(root):
+    inc = os.path.join(root, "nvidia", "cuda_runtime", "include")
+    ptxas = os.path.join(root, "nvidia", "cuda_nvcc", "bin", "ptxas")
+    if not (os.path.exists(os.path.join(inc, "cuda_fp16.h")) and os.path.exists(ptxas)):
+        pytest.fail(f"{root}: expected nvidia/cuda_runtime/include/cuda_fp16.h and nvidia/cuda_nvcc/bin/ptxas "
+                    "(unzip nvidia-cuda-runtime-cu12 and nvidia-cuda-nvcc-cu12 there)")
+    ver = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout
+    import re
+    m = re.search(r"release 12\.(\d+)", ver)
+    if m is None or int(m.group(1)) not in _PTX_ISA:
+        pytest.fail(f"{ptxas}: not a known CUDA 12 release:\n{ver}")
+    return inc, ptxas, int(m.group(1))
+
+
+@pytest.mark.skipif(NVCC is None or not CUDA12_ROOTS, reason="nvcc or SEGMAMBA_CUDA12_ROOTS not set")
+@pytest.mark.parametrize("root", CUDA12_ROOTS)
+@pytest.mark.parametrize("source", SOURCES, ids=os.path.basename)
+def test_cuda_source_compiles_with_cuda12_headers_and_ptxas(root, source, tmp_path):
+    inc, ptxas, minor = _cuda12_tools(root)
+    common = [NVCC, "-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-I", os.path.dirname(source)]
+    # (1) CUDA 12's public headers ahead of this toolkit's (its crt/ internals stay, as they belong to this nvcc).
+    cmd = common + ["-I", inc, "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+                    "-Xcompiler", "-H", "-c", source, "-o", str(tmp_path / "k.o")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-4000:]}"
+    used = [ln for ln in res.stderr.splitlines() if ln.lstrip(". ").startswith(inc)]
+    assert any(ln.endswith("cuda_fp16.h") for ln in used), "CUDA 12's cuda_fp16.h was not the one included"
+    # (2) PTX from this nvcc, assembled by CUDA 12's ptxas.
+    for arch in ("80", "90"):
+        ptx = tmp_path / f"k{arch}.ptx"
+        cmd = common + [f"-arch=sm_{arch}", "-ptx", source, "-o", str(ptx)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-4000:]}"
+        text = ptx.read_text()
+        lines = text.splitlines()
+        idx = next(i for i, ln in enumerate(lines) if ln.startswith(".version "))
+        lines[idx] = f".version {_PTX_ISA[minor]}"
+        ptx.write_text("\n".join(lines) + "\n")
+        cmd = [ptxas, f"-arch=sm_{arch}", "-O3", str(ptx), "-o", str(tmp_path / f"k{arch}.cubin")]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, f"CUDA 12.{minor} ptxas rejects {source} (sm_{arch}):\n{res.stderr[-4000:]}"
