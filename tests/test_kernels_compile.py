@@ -110,7 +110,11 @@ def _cuda12_tools(root):
 @pytest.mark.parametrize("source", SOURCES, ids=os.path.basename)
 def test_cuda_source_compiles_with_cuda12_headers_and_ptxas(root, source, tmp_path):
     inc, ptxas, minor = _cuda12_tools(root)
-    common = [NVCC, "-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-I", os.path.dirname(source)]
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_cuda_build", os.path.join(ROOT, "tools", "cuda_build.py"))
+    cuda_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_build)
+    common = [NVCC] + cuda_build.NVCC_FLAGS + ["-I", os.path.dirname(source)]  # the flags setup.py builds with
     # (1) CUDA 12's public headers ahead of this toolkit's (its crt/ internals stay, as they belong to this nvcc).
     cmd = common + ["-I", inc, "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
                     "-Xcompiler", "-H", "-c", source, "-o", str(tmp_path / "k.o")]
