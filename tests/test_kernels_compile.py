@@ -4,7 +4,9 @@ and every torch binding (.cpp) passes a syntax-only compile against the CPU whee
 The .cu files include CUDA headers and our own only (torch bindings live in the .cpp files), so a syntax or
 template error is caught here in CI. Skipped when nvcc is not installed."""
 import glob
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
 
@@ -98,7 +100,6 @@ def _cuda12_tools(root):
         pytest.fail(f"{root}: expected nvidia/cuda_runtime/include/cuda_fp16.h and nvidia/cuda_nvcc/bin/ptxas "
                     "(unzip nvidia-cuda-runtime-cu12 and nvidia-cuda-nvcc-cu12 there)")
     ver = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout
-    import re
     m = re.search(r"release 12\.(\d+)", ver)
     if m is None or int(m.group(1)) not in _PTX_ISA:
         pytest.fail(f"{ptxas}: not a known CUDA 12 release:\n{ver}")
@@ -110,7 +111,6 @@ def _cuda12_tools(root):
 @pytest.mark.parametrize("source", SOURCES, ids=os.path.basename)
 def test_cuda_source_compiles_with_cuda12_headers_and_ptxas(root, source, tmp_path):
     inc, ptxas, minor = _cuda12_tools(root)
-    import importlib.util
     spec = importlib.util.spec_from_file_location("_cuda_build", os.path.join(ROOT, "tools", "cuda_build.py"))
     cuda_build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cuda_build)
