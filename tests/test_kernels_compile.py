@@ -35,6 +35,19 @@ def test_cuda_source_compiles_for_sm90_without_torch(source, tmp_path):
     assert "torch/" not in text and "ATen/" not in text, "kernels must not include torch headers"
 
 
+# The arithmetic-floor benchmark (bench/scan_compute_floor.cu) reuses the kernels' helper functions and
+# bwd_main2_kernel's reductions; compiling it here keeps it in step with them.
+FLOOR_BENCH = os.path.join(ROOT, "bench", "scan_compute_floor.cu")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+def test_compute_floor_benchmark_compiles_for_sm90(tmp_path):
+    cmd = [NVCC, "-c", "-std=c++17", "-arch=sm_90", "-O1", "--use_fast_math", "--expt-relaxed-constexpr",
+           "-I", os.path.join(ROOT, "mamba", "csrc"), FLOOR_BENCH, "-o", str(tmp_path / "floor.o")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-4000:]}"
+
+
 # The torch bindings (.cpp) need torch's headers, which the CPU wheel ships (including ATen/cuda), and the CUDA
 # runtime headers that come with nvcc. Five CUDA library headers that ATen/cuda includes (cuBLAS, cuBLASLt,
 # cuSPARSE, two of cuSOLVER) are not part of a compiler-only CUDA install, and the CPU wheel lacks the generated
