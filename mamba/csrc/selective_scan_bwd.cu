@@ -417,6 +417,71 @@ __device__ __forceinline__ void reduce_scatter_tokens(float (&P)[3][epilogue_win
     for (int x = 0; x < 3; ++x) P[x][0] += __shfl_xor_sync(kFullMask, P[x][0], m);
 }
 
+// bwd_main2_kernel's recompute of one segment: decays a and states before each token (hp) of segment seg from
+// the state before it (h, which ends as the state after the segment). (Also used by bench/scan_compute_floor.cu.)
+template <int NP, bool kSplit>
+__device__ __forceinline__ void main2_recompute_segment(const float* s_delta, const float* s_u, const float* s_B,
+                                                        int seg, const Who<NP>& w, int perm,
+                                                        const float (&A2)[kNPT], float (&a)[kSeg][kNPT],
+                                                        float (&hp)[kSeg][kNPT], float (&h)[kNPT]) {
+  using G = Geo<NP>;
+#pragma unroll
+  for (int i = 0; i < kSeg; ++i) {
+    const int t = seg * kSeg + i;
+    const float dl = s_delta[t * G::TS + w.c];
+    const float du = dl * s_u[t * G::TS + w.c];
+    const float4 bv = state4_perm<NP, kSplit>(s_B, t, w.q, perm);
+    const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+    for (int k = 0; k < kNPT; ++k) {
+      a[i][k] = fast_exp2(dl * A2[k]);
+      hp[i][k] = h[k];
+      h[k] = a[i][k] * h[k] + du * bk[k];
+    }
+  }
+}
+
+// bwd_main2_kernel's per-update gradient products for token i (a compile-time index after unrolling) of segment
+// seg, walking the adjoint message m back over it: this lane's parts of the per-token sums over states (dl_part:
+// dΔ's A-part ÷ ln 2, du_part, y_part), the dB (v[k]) and dC (v[kNPT + k]) values of its states, and dA.
+// h is the state after the segment. (Also used by bench/scan_compute_floor.cu.)
+template <int NP, bool kSplit>
+__device__ __forceinline__ void main2_adjoint_token(const float* s_delta, const float* s_u, const float* s_dy,
+                                                    const float* s_B, const float* s_C, int seg, int i,
+                                                    const Who<NP>& w, int perm, const float (&A2)[kNPT],
+                                                    const float (&a)[kSeg][kNPT], const float (&hp)[kSeg][kNPT],
+                                                    const float (&h)[kNPT], float (&m)[kNPT], float (&dA_acc)[kNPT],
+                                                    float& dl_part, float& du_part, float& y_part, float (&v)[8]) {
+  using G = Geo<NP>;
+  const int t = seg * kSeg + i;
+  const int o = t * G::TS + w.c;
+  const float dl = s_delta[o];
+  const float u = s_u[o];
+  const float dy = s_dy[o];
+  const float dlu = dl * u;
+  const float4 bv = state4_perm<NP, kSplit>(s_B, t, w.q, perm);
+  const float4 cv = state4_perm<NP, kSplit>(s_C, t, w.q, perm);
+  const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
+  const float ck[kNPT] = {cv.x, cv.y, cv.z, cv.w};
+  dl_part = 0.f;
+  du_part = 0.f;
+  y_part = 0.f;
+#pragma unroll
+  for (int k = 0; k < kNPT; ++k) {
+    const float hk = i + 1 < kSeg ? hp[(i + 1) % kSeg][k] : h[k];  // state after token t
+    const float lam = dy * ck[k] + m[k];
+    const float ah = a[i][k] * hp[i][k];
+    const float qk = lam * ah;
+    dl_part += A2[k] * qk;
+    du_part += lam * bk[k];
+    y_part += ck[k] * hk;
+    dA_acc[k] += qk * dl;
+    v[k] = lam * dlu;
+    v[kNPT + k] = dy * hk;
+    m[k] = a[i][k] * lam;
+  }
+}
+
 // The backward main kernel with fewer instructions per update than bwd_main_kernel (same algorithm, same
 // results up to rounding): (1) h_t is
 // taken from the recompute registers instead of being formed again; (2) the per-token epilogue (dΔ, du, dz,
@@ -505,25 +570,7 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
     stage_main_chunk<T, NP, kSplitBC>(p, b, t0, s_delta, s_B);
     __syncthreads();
 
-    // Decays a and states before each token (hp) of one segment from the state before it (h, which ends as
-    // the state after the segment).
     float a[kSeg][kNPT], hp[kSeg][kNPT], h[kNPT];
-    auto walk_segment = [&](int seg) {
-#pragma unroll
-      for (int i = 0; i < kSeg; ++i) {
-        const int t = seg * kSeg + i;
-        const float dl = s_delta[t * G::TS + w.c];
-        const float du = dl * s_u[t * G::TS + w.c];
-        const float4 bv = state4_perm<NP, kSplitBC>(s_B, t, w.q, perm);
-        const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
-#pragma unroll
-        for (int k = 0; k < kNPT; ++k) {
-          a[i][k] = fast_exp2(dl * A2[k]);
-          hp[i][k] = h[k];
-          h[k] = a[i][k] * h[k] + du * bk[k];
-        }
-      }
-    };
 
     // Phase 1: walk forward from the chunk's incoming state (all but the last segment), checkpointing the
     // state before segments 1 .. kLast (slot seg - 1).
@@ -546,36 +593,13 @@ __global__ void __launch_bounds__(kThreads, 3) bwd_main2_kernel(Params p, bool a
 #pragma unroll
         for (int k = 0; k < kNPT; ++k) h[k] = h0[k];
       }
-      walk_segment(seg);
+      main2_recompute_segment<NP, kSplitBC>(s_delta, s_u, s_B, seg, w, perm, A2, a, hp, h);
       float P[3][W];  // this lane's parts of Σ_n for the window's tokens: dΔ (÷ ln 2, A-part), du, y
 #pragma unroll
       for (int i = kSeg - 1; i >= 0; --i) {
-        const int t = seg * kSeg + i;
-        const int o = t * G::TS + w.c;
-        const float dl = s_delta[o];
-        const float u = s_u[o];
-        const float dy = s_dy[o];
-        const float dlu = dl * u;
-        const float4 bv = state4_perm<NP, kSplitBC>(s_B, t, w.q, perm);
-        const float4 cv = state4_perm<NP, kSplitBC>(s_C, t, w.q, perm);
-        const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
-        const float ck[kNPT] = {cv.x, cv.y, cv.z, cv.w};
-        float dl_part = 0.f, du_part = 0.f, y_part = 0.f;
-        float v[8];
-#pragma unroll
-        for (int k = 0; k < kNPT; ++k) {
-          const float hk = i + 1 < kSeg ? hp[(i + 1) % kSeg][k] : h[k];  // state after token t
-          const float lam = dy * ck[k] + m[k];
-          const float ah = a[i][k] * hp[i][k];
-          const float qk = lam * ah;
-          dl_part += A2[k] * qk;
-          du_part += lam * bk[k];
-          y_part += ck[k] * hk;
-          dA_acc[k] += qk * dl;
-          v[k] = lam * dlu;
-          v[kNPT + k] = dy * hk;
-          m[k] = a[i][k] * lam;
-        }
+        float dl_part, du_part, y_part, v[8];
+        main2_adjoint_token<NP, kSplitBC>(s_delta, s_u, s_dy, s_B, s_C, seg, i, w, perm, A2, a, hp, h, m, dA_acc,
+                                          dl_part, du_part, y_part, v);
         P[0][i % W] = dl_part;
         P[1][i % W] = du_part;
         P[2][i % W] = y_part;
