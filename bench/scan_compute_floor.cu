@@ -2,10 +2,10 @@
 // (B=2, D=96, L=262144, N=16: 805 M (token, channel, state) updates per walk), with the inputs taken from small
 // shared-memory tiles instead of global memory, so that no global traffic is left but a final store per thread.
 // What each kernel keeps is the arithmetic that the walk's math needs (the same helper functions as the real
-// kernels: softplus_f, sigmoid_f, lane_exp2, state4_perm); what it drops is the memory traffic, the staging and,
-// in the backward main kernel, the reductions across lanes and channels (dB/dC over channels, the per-token sums
-// over a channel's lanes) and the epilogue. So each time is a lower bound for the real kernel of that name on the
-// same card; the sum over the walks of a pass is a lower bound for that pass with this algorithm.
+// kernels: softplus_f, sigmoid_f, lane_exp2, state4_perm, and bwd_main2_kernel's reduce-scatters); what it drops
+// is the memory traffic and the staging; the backward main kernel is run without and with its on-chip reductions
+// (dB/dC over channels, the per-token sums over a channel's lanes, the epilogue). So each time is a lower bound for
+// the real kernel of that name on the same card, and the sum over the walks a lower bound for this algorithm.
 // Also measured: the MUFU.EX2 and FFMA rates (independent operations) and the device-to-device copy.
 //
 // Standalone (no torch): nvcc -O3 -std=c++17 --use_fast_math --expt-relaxed-constexpr -arch=sm_90 \
@@ -186,27 +186,44 @@ __global__ void __launch_bounds__(kThreads, 4) floor_bwd_local(In in) {
 // Backward main kernel (bwd_main2_kernel), state-split layout (4 lanes per channel, 4 states each, 32
 // channels per block of 128 threads), per 64-token chunk: the forward walk with a checkpoint every kSeg tokens,
 // then segment by segment (last first) the recompute of decays and states and the adjoint walk with every
-// per-update gradient product. Kept per thread instead of reduced: the per-token sums (dΔ, du, y parts) and the
-// dB/dC values (added into per-thread sums). Δ, u, dy come from [token][channel] tiles and B, C from [token][state]
-// tiles, as in the real kernel (whose staging of those tiles from global memory is not done here).
+// per-update gradient product. Δ, u, dy come from [token][channel] tiles and B, C from [token][state] tiles, as in
+// the real kernel (whose staging of those tiles from global memory is not done here). The recompute and the
+// per-update products are the real kernel's own functions (main2_recompute_segment, main2_adjoint_token).
+//   kRed = false: the per-token sums (dΔ, du, y parts) and the dB/dC values are added into per-thread sums
+//     instead of being reduced.
+//   kRed = true: plus what bwd_main2_kernel does on chip per token and segment: the reduce-scatter of the
+//     per-token sums over a channel's lanes and the epilogue of each window, the reduce-scatter of dB/dC over the
+//     warp's channels, their stores into the segment's write-out buffer and, after the segment's barrier, the sums
+//     over the warps. Still left out: the global loads and stores (staging, the tiles' write-out, dB/dC's atomic
+//     adds, whose sums go into a register instead).
 constexpr int kMainThreads = 128;
 constexpr int kMainCh = 32;
 constexpr int kTS = kMainCh + 1;
 constexpr int kMainChunks = 2;  // chunks per block (a group at this shape)
 constexpr int kMainBlocks = (int)(kUpdates / ((long long)kMainCh * kMainChunks * kChunk * kN));  // 12288
-constexpr size_t kMainSmemBytes =
-    (3 * kChunk * kTS + 2 * kChunk * Geo<16>::BS + (kSegsPerChunk - 1) * kNPT * kMainThreads) * sizeof(float);
+template <bool kRed>
+constexpr size_t main_smem_bytes() {
+  return ((kRed ? 5 : 3) * kChunk * kTS + 2 * kChunk * Geo<16>::BS + (kSegsPerChunk - 1) * kNPT * kMainThreads +
+          (kRed ? 2 * bwd_main2_red_floats<16>() : 0)) * sizeof(float);
+}
 
+template <bool kRed>
 __global__ void __launch_bounds__(kMainThreads, 3) floor_bwd_main(In in) {
   using G = Geo<16>;
+  constexpr int NP = 16;
   static_assert(G::TS == kTS && G::LPC == 4, "layout");
-  extern __shared__ float4 smem4[];  // kMainSmemBytes (over the 48 KiB static limit)
+  constexpr int W = epilogue_window<NP>();
+  constexpr int kLast = kSegsPerChunk - 1;
+  extern __shared__ float4 smem4[];  // main_smem_bytes<kRed>() (over the 48 KiB static limit)
   float* s_delta = reinterpret_cast<float*>(smem4);
   float* s_u = s_delta + kChunk * kTS;
   float* s_dy = s_u + kChunk * kTS;
-  float* s_B = s_dy + kChunk * kTS;
+  float* s_dzf = s_dy + kChunk * kTS;                  // (kRed)
+  float* s_sig = s_dzf + kChunk * kTS;                 // (kRed)
+  float* s_B = s_dy + (kRed ? 3 : 1) * kChunk * kTS;
   float* s_C = s_B + kChunk * G::BS;
   float* s_ckpt = s_C + kChunk * G::BS;
+  float* s_red0 = s_ckpt + (kSegsPerChunk - 1) * kNPT * kMainThreads;  // (kRed)
   const int tid = threadIdx.x;
   // Tiles from the small input arrays (tokens t % 32 of the rows; Δ made positive as a softplus output is).
   for (int e = tid; e < kChunk * kTS; e += kMainThreads) {
@@ -215,128 +232,10 @@ __global__ void __launch_bounds__(kMainThreads, 3) floor_bwd_main(In in) {
     s_delta[e] = fabsf(in.rows[src]) * 0.1f;
     s_u[e] = in.rows[kLaneCh * kTileT + src];
     s_dy[e] = in.rows[2 * kLaneCh * kTileT + src];
-  }
-  for (int e = tid; e < kChunk * G::BS; e += kMainThreads) {
-    const int t = e / G::BS, n = e % G::BS;
-    s_B[e] = in.bc[(t % kTileT) * kN + n % kN];
-    s_C[e] = in.bc[kTileT * kN + (t % kTileT) * kN + n % kN];
-  }
-  __syncthreads();
-  const Who<16> w(kMainCh * 3, /*strided=*/true);
-  const int perm = (w.cw & 1) * 2;
-  float A2[kNPT];
-#pragma unroll
-  for (int k = 0; k < kNPT; ++k) A2[k] = in.A[w.c * kN + w.q * kNPT + (k ^ perm)] * kLog2e;
-  float dA_acc[kNPT] = {0.f, 0.f, 0.f, 0.f}, m[kNPT] = {0.f, 0.f, 0.f, 0.f}, vacc[8] = {};
-  float tok_acc = 0.f;
-  constexpr int kLast = kSegsPerChunk - 1;
-#pragma unroll 1
-  for (int ch = 0; ch < kMainChunks; ++ch) {
-    float h0[kNPT];
-#pragma unroll
-    for (int k = 0; k < kNPT; ++k) h0[k] = 0.1f * (k + ch);
-    float a[kSeg][kNPT], hp[kSeg][kNPT], h[kNPT];
-#pragma unroll
-    for (int k = 0; k < kNPT; ++k) h[k] = h0[k];
-#pragma unroll 1
-    for (int seg = 0; seg < kLast; ++seg) {
-#pragma unroll
-      for (int i = 0; i < kSeg; ++i) walk_token<16>(s_delta, s_u, s_B, seg * kSeg + i, w, A2, h, perm);
-#pragma unroll
-      for (int k = 0; k < kNPT; ++k) s_ckpt[(seg * kNPT + k) * kMainThreads + tid] = h[k];
+    if (kRed) {
+      s_dzf[e] = 0.5f * s_dy[e];
+      s_sig[e] = 0.25f;
     }
-#pragma unroll 1
-    for (int seg = kLast; seg >= 0; --seg) {
-      if (seg > 0) {
-#pragma unroll
-        for (int k = 0; k < kNPT; ++k) h[k] = s_ckpt[((seg - 1) * kNPT + k) * kMainThreads + tid];
-      } else {
-#pragma unroll
-        for (int k = 0; k < kNPT; ++k) h[k] = h0[k];
-      }
-#pragma unroll
-      for (int i = 0; i < kSeg; ++i) {
-        const int t = seg * kSeg + i;
-        const float dl = s_delta[t * kTS + w.c];
-        const float du = dl * s_u[t * kTS + w.c];
-        const float4 bv = state4_perm<16>(s_B, t, w.q, perm);
-        const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
-#pragma unroll
-        for (int k = 0; k < kNPT; ++k) {
-          a[i][k] = fast_exp2(dl * A2[k]);
-          hp[i][k] = h[k];
-          h[k] = a[i][k] * h[k] + du * bk[k];
-        }
-      }
-#pragma unroll
-      for (int i = kSeg - 1; i >= 0; --i) {
-        const int t = seg * kSeg + i;
-        const int o = t * kTS + w.c;
-        const float dl = s_delta[o], u = s_u[o], dy = s_dy[o];
-        const float dlu = dl * u;
-        const float4 bv = state4_perm<16>(s_B, t, w.q, perm);
-        const float4 cv = state4_perm<16>(s_C, t, w.q, perm);
-        const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
-        const float ck[kNPT] = {cv.x, cv.y, cv.z, cv.w};
-        float dl_part = 0.f, du_part = 0.f, y_part = 0.f;
-#pragma unroll
-        for (int k = 0; k < kNPT; ++k) {
-          const float hk = i + 1 < kSeg ? hp[(i + 1) % kSeg][k] : h[k];
-          const float lam = dy * ck[k] + m[k];
-          const float ah = a[i][k] * hp[i][k];
-          const float qk = lam * ah;
-          dl_part += A2[k] * qk;
-          du_part += lam * bk[k];
-          y_part += ck[k] * hk;
-          dA_acc[k] += qk * dl;
-          vacc[k] += lam * dlu;
-          vacc[kNPT + k] += dy * hk;
-          m[k] = a[i][k] * lam;
-        }
-        tok_acc += (dl_part * kLn2 + du_part * u) + y_part;
-      }
-    }
-  }
-  float acc = tok_acc;
-#pragma unroll
-  for (int k = 0; k < kNPT; ++k) acc += dA_acc[k] + m[k] + vacc[k] + vacc[kNPT + k];
-  in.sink[blockIdx.x * blockDim.x + tid] = acc;
-}
-
-// The backward main kernel with its reductions: as floor_bwd_main, plus what bwd_main2_kernel does on chip per
-// token and segment: the reduce-scatter of the per-token sums over a channel's lanes and the epilogue of each
-// window (dΔ, du, dz, dbias, dD into the tiles), the reduce-scatter of dB/dC over the warp's channels, their
-// stores into the segment's write-out buffer and, after the segment's barrier, the sums over the warps. Left out:
-// the global loads and stores (staging of the tiles, the tiles' write-out, dB/dC's atomic adds: their sums go
-// into a register instead).
-constexpr size_t kFullSmemBytes =
-    (5 * kChunk * kTS + 2 * kChunk * Geo<16>::BS + (kSegsPerChunk - 1) * kNPT * kMainThreads +
-     2 * bwd_main2_red_floats<16>()) * sizeof(float);
-
-__global__ void __launch_bounds__(kMainThreads, 3) floor_bwd_main_full(In in) {
-  using G = Geo<16>;
-  constexpr int NP = 16;
-  constexpr int W = epilogue_window<NP>();
-  constexpr int kLast = kSegsPerChunk - 1;
-  extern __shared__ float4 smem4[];
-  float* s_delta = reinterpret_cast<float*>(smem4);
-  float* s_u = s_delta + kChunk * kTS;
-  float* s_dy = s_u + kChunk * kTS;
-  float* s_dzf = s_dy + kChunk * kTS;
-  float* s_sig = s_dzf + kChunk * kTS;
-  float* s_B = s_sig + kChunk * kTS;
-  float* s_C = s_B + kChunk * G::BS;
-  float* s_ckpt = s_C + kChunk * G::BS;
-  float* s_red0 = s_ckpt + (kSegsPerChunk - 1) * kNPT * kMainThreads;
-  const int tid = threadIdx.x;
-  for (int e = tid; e < kChunk * kTS; e += kMainThreads) {
-    const int t = e / kTS, c = e % kTS;
-    const int src = (c % kLaneCh) * kTileT + t % kTileT;
-    s_delta[e] = fabsf(in.rows[src]) * 0.1f;
-    s_u[e] = in.rows[kLaneCh * kTileT + src];
-    s_dy[e] = in.rows[2 * kLaneCh * kTileT + src];
-    s_dzf[e] = 0.5f * s_dy[e];
-    s_sig[e] = 0.25f;
   }
   for (int e = tid; e < kChunk * G::BS; e += kMainThreads) {
     const int t = e / G::BS, n = e % G::BS;
@@ -350,8 +249,8 @@ __global__ void __launch_bounds__(kMainThreads, 3) floor_bwd_main_full(In in) {
 #pragma unroll
   for (int k = 0; k < kNPT; ++k) A2[k] = in.A[w.c * kN + w.q * kNPT + (k ^ perm)] * kLog2e;
   const float Dd = in.vec[w.c];
-  float dA_acc[kNPT] = {0.f, 0.f, 0.f, 0.f}, m[kNPT] = {0.f, 0.f, 0.f, 0.f};
-  float dD_acc = 0.f, dbias_acc = 0.f, bc_acc = 0.f;
+  float dA_acc[kNPT] = {0.f, 0.f, 0.f, 0.f}, m[kNPT] = {0.f, 0.f, 0.f, 0.f}, vacc[8] = {};
+  float tok_acc = 0.f, dD_acc = 0.f, dbias_acc = 0.f, bc_acc = 0.f;
   const bool epi_lane = w.q < W;
   const int epi_tok = w.q % W;
   constexpr int kWarps = kMainThreads / 32;
@@ -360,7 +259,7 @@ __global__ void __launch_bounds__(kMainThreads, 3) floor_bwd_main_full(In in) {
   const int red_i = tid % kSeg, red_rho0 = tid / kSeg;
 #pragma unroll 1
   for (int ch = 0; ch < kMainChunks; ++ch) {
-    __syncthreads();
+    if (kRed) __syncthreads();
     float h0[kNPT];
 #pragma unroll
     for (int k = 0; k < kNPT; ++k) h0[k] = 0.1f * (k + ch);
@@ -384,46 +283,18 @@ __global__ void __launch_bounds__(kMainThreads, 3) floor_bwd_main_full(In in) {
 #pragma unroll
         for (int k = 0; k < kNPT; ++k) h[k] = h0[k];
       }
-#pragma unroll
-      for (int i = 0; i < kSeg; ++i) {
-        const int t = seg * kSeg + i;
-        const float dl = s_delta[t * kTS + w.c];
-        const float du = dl * s_u[t * kTS + w.c];
-        const float4 bv = state4_perm<16>(s_B, t, w.q, perm);
-        const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
-#pragma unroll
-        for (int k = 0; k < kNPT; ++k) {
-          a[i][k] = fast_exp2(dl * A2[k]);
-          hp[i][k] = h[k];
-          h[k] = a[i][k] * h[k] + du * bk[k];
-        }
-      }
+      main2_recompute_segment<NP, false>(s_delta, s_u, s_B, seg, w, perm, A2, a, hp, h);
       float P[3][W];
 #pragma unroll
       for (int i = kSeg - 1; i >= 0; --i) {
-        const int t = seg * kSeg + i;
-        const int o = t * kTS + w.c;
-        const float dl = s_delta[o], u = s_u[o], dy = s_dy[o];
-        const float dlu = dl * u;
-        const float4 bv = state4_perm<16>(s_B, t, w.q, perm);
-        const float4 cv = state4_perm<16>(s_C, t, w.q, perm);
-        const float bk[kNPT] = {bv.x, bv.y, bv.z, bv.w};
-        const float ck[kNPT] = {cv.x, cv.y, cv.z, cv.w};
-        float dl_part = 0.f, du_part = 0.f, y_part = 0.f;
-        float v[8];
+        float dl_part, du_part, y_part, v[8];
+        main2_adjoint_token<NP, false>(s_delta, s_u, s_dy, s_B, s_C, seg, i, w, perm, A2, a, hp, h, m, dA_acc,
+                                       dl_part, du_part, y_part, v);
+        if (!kRed) {
+          tok_acc += (dl_part * kLn2 + du_part) + y_part;
 #pragma unroll
-        for (int k = 0; k < kNPT; ++k) {
-          const float hk = i + 1 < kSeg ? hp[(i + 1) % kSeg][k] : h[k];
-          const float lam = dy * ck[k] + m[k];
-          const float ah = a[i][k] * hp[i][k];
-          const float qk = lam * ah;
-          dl_part += A2[k] * qk;
-          du_part += lam * bk[k];
-          y_part += ck[k] * hk;
-          dA_acc[k] += qk * dl;
-          v[k] = lam * dlu;
-          v[kNPT + k] = dy * hk;
-          m[k] = a[i][k] * lam;
+          for (int k = 0; k < 8; ++k) vacc[k] += v[k];
+          continue;
         }
         P[0][i % W] = dl_part;
         P[1][i % W] = du_part;
@@ -437,8 +308,8 @@ __global__ void __launch_bounds__(kMainThreads, 3) floor_bwd_main_full(In in) {
             const float ddelta = (P[0][0] * kLn2 + P[1][0] * ue) * s_sig[oe];
             dbias_acc += ddelta;
             dD_acc += dye * ue;
-            // (the real kernel overwrites the dy / σ / dz tiles here; the floor keeps its inputs and adds the
-            // results into one of them's neighbour sum, so that the next chunk reads the same values)
+            // (the real kernel overwrites the dy / σ / dz tiles with du / dδ / dz here; the floor keeps its
+            // inputs, so that the next chunk reads the same values, and adds the three results into a sum)
             bc_acc += (P[1][0] * dle + Dd * dye) + ddelta + (P[2][0] + Dd * ue) * s_dzf[oe];
           }
         }
@@ -447,20 +318,22 @@ __global__ void __launch_bounds__(kMainThreads, 3) floor_bwd_main_full(In in) {
 #pragma unroll
         for (int r = 0; r < G::R; ++r) s_red[(r * 32 + w.lane) * kMain2RedStride + i * kWarps + w.warp] = vs[r];
       }
-      __syncthreads();
+      if (kRed) {
+        __syncthreads();
 #pragma unroll
-      for (int j = 0; j < kRedPer; ++j) {
-        const float* src = s_red + (red_rho0 + j * kRowStep) * kMain2RedStride + red_i * kWarps;
-        float sum = 0.f;
+        for (int j = 0; j < kRedPer; ++j) {
+          const float* src = s_red + (red_rho0 + j * kRowStep) * kMain2RedStride + red_i * kWarps;
+          float sum = 0.f;
 #pragma unroll
-        for (int wp = 0; wp < kWarps; ++wp) sum += src[wp];
-        bc_acc += sum;
+          for (int wp = 0; wp < kWarps; ++wp) sum += src[wp];
+          bc_acc += sum;
+        }
       }
     }
   }
-  float acc = bc_acc + dD_acc + dbias_acc;
+  float acc = tok_acc + bc_acc + dD_acc + dbias_acc;
 #pragma unroll
-  for (int k = 0; k < kNPT; ++k) acc += dA_acc[k] + m[k];
+  for (int k = 0; k < kNPT; ++k) acc += dA_acc[k] + m[k] + vacc[k] + vacc[kNPT + k];
   in.sink[blockIdx.x * blockDim.x + tid] = acc;
 }
 
@@ -559,11 +432,14 @@ int main() {
   const float t_out2 = time_ms([&] { floor_fwd_out<2><<<kLaneBlocks, kLaneCh>>>(in); });
   const float t_bl0 = time_ms([&] { floor_bwd_local<0><<<kLaneBlocks, kLaneCh>>>(in); });
   const float t_bl2 = time_ms([&] { floor_bwd_local<2><<<kLaneBlocks, kLaneCh>>>(in); });
-  CK(cudaFuncSetAttribute(floor_bwd_main, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kMainSmemBytes));
-  const float t_main = time_ms([&] { floor_bwd_main<<<kMainBlocks, kMainThreads, kMainSmemBytes>>>(in); });
-  CK(cudaFuncSetAttribute(floor_bwd_main_full, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kFullSmemBytes));
+  CK(cudaFuncSetAttribute(floor_bwd_main<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                          (int)main_smem_bytes<false>()));
+  CK(cudaFuncSetAttribute(floor_bwd_main<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                          (int)main_smem_bytes<true>()));
+  const float t_main =
+      time_ms([&] { floor_bwd_main<false><<<kMainBlocks, kMainThreads, main_smem_bytes<false>()>>>(in); });
   const float t_main_full =
-      time_ms([&] { floor_bwd_main_full<<<kMainBlocks, kMainThreads, kFullSmemBytes>>>(in); });
+      time_ms([&] { floor_bwd_main<true><<<kMainBlocks, kMainThreads, main_smem_bytes<true>()>>>(in); });
   std::vector<float> host(sink_n);
   CK(cudaMemcpy(host.data(), d_sink, sink_n * 4, cudaMemcpyDeviceToHost));
   int finite = 1;
