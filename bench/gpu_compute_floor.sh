@@ -4,7 +4,7 @@
 # shape on the same card (bench/profile_scan.py --kernels) into $OUT/profile_kernels.txt.
 #   OUT=$OUT bash bench/gpu_compute_floor.sh
 source bench/gpu_session_env.sh
-nvcc -O3 -std=c++17 --use_fast_math --expt-relaxed-constexpr -arch=sm_90 -I mamba/csrc -o /tmp/scan_floor \
+nvcc -O3 -std=c++17 --use_fast_math --expt-relaxed-constexpr -arch=sm_90 -o /tmp/scan_floor \
   bench/scan_compute_floor.cu mamba/csrc/selective_scan_fwd.cu || exit 1
 /tmp/scan_floor > "$OUT/compute_floor.json"; echo "floor rc $?"
 cat "$OUT/compute_floor.json"

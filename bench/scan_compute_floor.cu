@@ -9,7 +9,7 @@
 // Also measured: the MUFU.EX2 and FFMA rates (independent operations) and the device-to-device copy.
 //
 // Standalone (no torch): nvcc -O3 -std=c++17 --use_fast_math --expt-relaxed-constexpr -arch=sm_90 \
-//   -I mamba/csrc -o floor bench/scan_compute_floor.cu mamba/csrc/selective_scan_fwd.cu && ./floor > floor.json
+//   -o floor bench/scan_compute_floor.cu mamba/csrc/selective_scan_fwd.cu && ./floor > floor.json
 // (bench/gpu_compute_floor.sh does this on the GPU machine.) Prints one JSON object.
 #include <algorithm>
 #include <cmath>
@@ -17,7 +17,7 @@
 #include <cstdlib>
 #include <vector>
 
-#include "selective_scan_bwd.cu"  // (the lane walks, and bwd_main2_kernel's reduction helpers)
+#include "../mamba/csrc/selective_scan_bwd.cu"  // the lane walks, and bwd_main2_kernel's functions
 
 using namespace selective_scan::detail;
 using selective_scan::kChunk;
